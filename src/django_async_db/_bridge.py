@@ -1,0 +1,178 @@
+"""The sync/async boundary: run Django's sync code in a greenlet, await its I/O.
+
+Everything that crosses between the event loop and synchronous Django code
+lives in this module (the approach of SQLAlchemy's asyncio extension):
+
+* :func:`run_sync` starts a greenlet that runs ordinary synchronous code (the
+  ORM, ``transaction.atomic()``, signal receivers ...) inside the calling task:
+  same thread, same contextvars, same task-owned connection.
+* :func:`await_only` is how that sync code waits: it switches back to the
+  driving coroutine, which awaits the awaitable on the loop and switches back
+  in with the result (or throws the exception, ``CancelledError`` included).
+
+No thread is used. Code that is not database I/O still runs on the loop, so
+blocking non-database calls inside a bridge block the loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import os
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any, ParamSpec, TypeVar, cast
+
+from django.core.exceptions import SynchronousOnlyOperation
+from greenlet import getcurrent, greenlet
+
+__all__ = [
+    "SYNC_ONLY_MESSAGE",
+    "await_only",
+    "bridge_async_unsafe",
+    "in_bridge",
+    "run_sync",
+]
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+SYNC_ONLY_MESSAGE = (
+    "You cannot call this from an async context outside the django-async-db bridge: "
+    "it would block the event loop. Run the synchronous code with "
+    "`await django_async_db.run_sync(fn)`, use Django's async API "
+    "(aget(), asave(), `async for` ...), or load relations up front with "
+    "select_related()/prefetch_related() instead of lazy attribute access."
+)
+
+
+class _BridgeGreenlet(greenlet):  # type: ignore[misc]
+    """A greenlet running sync code on behalf of the coroutine in ``driver``."""
+
+    __slots__ = ("driver",)
+
+    def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
+        super().__init__(fn, driver)
+        self.driver = driver
+        # Share the task's contextvars: the sync code sees the same context
+        # (and therefore the same task-owned connections) as the caller.
+        self.gr_context = driver.gr_context
+
+
+def in_bridge() -> bool:
+    """Return True when called from sync code running inside :func:`run_sync`."""
+    return type(getcurrent()) is _BridgeGreenlet
+
+
+def await_only(awaitable: Awaitable[T]) -> T:
+    """Wait for ``awaitable`` on the event loop from sync code inside a bridge.
+
+    The current greenlet is suspended and the driving coroutine awaits the
+    awaitable, so the loop keeps running other tasks meanwhile. Exceptions,
+    including ``asyncio.CancelledError``, are raised here.
+    """
+    current = getcurrent()
+    if type(current) is not _BridgeGreenlet:
+        if asyncio.iscoroutine(awaitable):
+            awaitable.close()
+        raise SynchronousOnlyOperation(
+            "await_only() can only be called from code running inside "
+            "`await django_async_db.run_sync(...)`."
+        )
+    return cast(T, current.driver.switch(awaitable))
+
+
+async def run_sync(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run synchronous Django code with async I/O, in this task, without a thread.
+
+    ``fn`` runs in a greenlet on the event loop thread: every database wait it
+    makes becomes an ``await`` on the loop, and it uses this task's own
+    connection and transaction. Example::
+
+        from django_async_db import run_sync
+
+        author = await run_sync(lambda: book.author)  # lazy FK access
+        n = await run_sync(Book.objects.filter(author=author).count)
+    """
+    glet = _BridgeGreenlet(fn, getcurrent())
+    result = glet.switch(*args, **kwargs)
+    while not glet.dead:
+        try:
+            value = await result
+        except BaseException as exc:  # noqa: BLE001 - every exception goes back into fn
+            result = glet.throw(exc)
+        else:
+            result = glet.switch(value)
+    return cast(T, result)
+
+
+async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Run ``fn`` like :func:`run_sync`, but finish it even if the task is cancelled.
+
+    Used for commit/rollback/release: the I/O each step waits for runs shielded
+    from cancellation, ``fn`` always runs to completion in this task (same
+    connection), and a cancellation received meanwhile is re-raised at the end.
+    """
+    glet = _BridgeGreenlet(fn, getcurrent())
+    result = glet.switch(*args, **kwargs)
+    cancelled: asyncio.CancelledError | None = None
+    while not glet.dead:
+        fut = asyncio.ensure_future(result)
+        while True:
+            try:
+                value = await asyncio.shield(fut)
+            except asyncio.CancelledError as exc:
+                if not fut.done():
+                    cancelled = exc  # the task was cancelled, not the I/O: keep waiting
+                    continue
+                result = glet.throw(exc)
+            except BaseException as exc:  # noqa: BLE001
+                result = glet.throw(exc)
+            else:
+                result = glet.switch(value)
+            break
+    if cancelled is not None:
+        raise cancelled
+    return cast(T, result)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def bridge_async_unsafe(func: Callable[P, T], message: str = SYNC_ONLY_MESSAGE) -> Callable[P, T]:
+    """Mark ``func`` async-unsafe, but allow it inside :func:`run_sync`.
+
+    Django's ``@async_unsafe`` refuses any call made while an event loop runs in
+    the thread. Inside a bridge that refusal is wrong (the I/O is async), so
+    this version allows calls from a bridge greenlet or with no running loop
+    and raises ``SynchronousOnlyOperation`` naming the fix otherwise. Like
+    Django's, it honours ``DJANGO_ALLOW_ASYNC_UNSAFE``.
+    """
+
+    @functools.wraps(func)
+    def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+        if (
+            type(getcurrent()) is not _BridgeGreenlet
+            and _loop_running()
+            and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
+        ):
+            raise SynchronousOnlyOperation(message)
+        return func(*args, **kwargs)
+
+    return inner
+
+
+def sync_to_bridge(
+    func: Callable[P, T],
+) -> Callable[P, Coroutine[Any, Any, T]]:
+    """Return an async function that runs ``func`` through :func:`run_sync`."""
+
+    @functools.wraps(func)
+    async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
+        return await run_sync(func, *args, **kwargs)
+
+    return inner

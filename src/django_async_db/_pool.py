@@ -1,0 +1,203 @@
+"""One psycopg_pool ``AsyncConnectionPool`` per database alias per event loop.
+
+Django's postgresql backend calls ``self.pool.open()``, ``self.pool.getconn()``
+and ``connection._pool.putconn(connection)`` synchronously. :class:`AsyncPool`
+offers exactly that interface to Django's own code running inside a bridge,
+and awaits the async pool underneath (:func:`~django_async_db._bridge.await_only`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import weakref
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import psycopg_pool
+from django.core.exceptions import ImproperlyConfigured
+
+from ._bridge import await_only, run_sync
+from .backends.postgresql._psycopg import BridgeConnection, PooledAsyncConnection
+from .exceptions import PoolTimeout
+
+if TYPE_CHECKING:
+    from .backends.postgresql.base import DatabaseWrapper
+
+__all__ = ["AsyncPool", "close_pools", "get_pool", "pool_stats"]
+
+#: Used when ``OPTIONS["pool"]`` is absent or ``True``.
+DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 20, "timeout": 30.0}
+# Keys the backend sets itself; a user value would be silently ignored or break it.
+_RESERVED = frozenset({"conninfo", "kwargs", "connection_class", "open", "configure"})
+
+_pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncPool]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def pool_options(alias: str, value: object) -> dict[str, Any] | None:
+    """Validate ``OPTIONS["pool"]`` and return psycopg_pool keyword arguments.
+
+    ``None`` means unpooled: each task opens and closes its own connection.
+    """
+    if value is False:
+        return None
+    if value is None or value is True:
+        return dict(DEFAULT_POOL_OPTIONS)
+    if not isinstance(value, dict):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] must be True, False or a dict of "
+            f"psycopg_pool.AsyncConnectionPool arguments, not {value!r}."
+        )
+    if reserved := sorted(_RESERVED & value.keys()):
+        raise ImproperlyConfigured(
+            f"DATABASES[{alias!r}]['OPTIONS']['pool'] cannot set {', '.join(reserved)}: "
+            f"django-async-db sets these itself."
+        )
+    options = {**DEFAULT_POOL_OPTIONS, **value}
+    if "max_size" not in value and options["min_size"] > options["max_size"]:
+        options["max_size"] = options["min_size"]
+    return options
+
+
+class AsyncPool:
+    """The connections of one alias on one event loop, pooled or not."""
+
+    def __init__(self, wrapper: DatabaseWrapper) -> None:
+        self.alias = wrapper.alias
+        options = pool_options(self.alias, wrapper.settings_dict["OPTIONS"].get("pool"))
+        params = wrapper.get_connection_params()
+        # The sync view gets Django's cursor class and prepare setting; the
+        # async object the pool manages only connects, checks and resets.
+        self._view_kwargs = {
+            "context": params.get("context"),
+            "cursor_factory": params.pop("cursor_factory", None),
+            "prepare_threshold": params.pop("prepare_threshold", None),
+        }
+        params["autocommit"] = True
+        params["prepare_threshold"] = None
+        self._params = params
+        self._configure_view: Callable[[BridgeConnection], object] = wrapper._configure_connection
+        self.options = options
+        self._pool: psycopg_pool.AsyncConnectionPool[PooledAsyncConnection] | None = None
+        if options is not None:
+            check = options.pop("check", None)
+            if check is None and wrapper.settings_dict.get("CONN_HEALTH_CHECKS"):
+                check = psycopg_pool.AsyncConnectionPool.check_connection
+            try:
+                self._pool = psycopg_pool.AsyncConnectionPool(
+                    kwargs=params,
+                    connection_class=PooledAsyncConnection,
+                    open=False,
+                    configure=self._configure,
+                    check=check,
+                    name=f"django_async_db:{self.alias}",
+                    **options,
+                )
+            except (TypeError, ValueError) as exc:
+                raise ImproperlyConfigured(
+                    f"Invalid DATABASES[{self.alias!r}]['OPTIONS']['pool']: {exc}."
+                ) from exc
+            self._opened = False
+
+    @property
+    def max_size(self) -> int:
+        """Return the most connections this pool opens (0 when unpooled)."""
+        return self._pool.max_size if self._pool is not None else 0
+
+    async def _configure(self, conn: PooledAsyncConnection) -> None:
+        conn.view_kwargs = self._view_kwargs
+        await run_sync(self._configure_view, conn.view)
+
+    async def _connect(self) -> PooledAsyncConnection:
+        conn = await PooledAsyncConnection.connect(**self._params)
+        await self._configure(conn)
+        return conn
+
+    async def aopen(self) -> None:
+        """Open the pool (start filling it) unless it is already open."""
+        if self._pool is not None and not self._opened:
+            self._opened = True
+            await self._pool.open()
+
+    async def agetconn(self) -> BridgeConnection:
+        """Return the sync view of a connection checked out for the current task."""
+        if self._pool is None:
+            conn = await self._connect()
+        else:
+            await self.aopen()
+            try:
+                conn = await self._pool.getconn()
+            except psycopg_pool.PoolTimeout as exc:
+                raise PoolTimeout(self.alias, self._pool.max_size, self._pool.timeout) from exc
+        view = conn.view
+        view._pool = self  # Django's _close() returns connections through this.
+        return view
+
+    async def aputconn(self, view: BridgeConnection) -> None:
+        """Give a connection back (or close it when unpooled)."""
+        conn: PooledAsyncConnection = view.pooled  # type: ignore[attr-defined]
+        if self._pool is None or conn._pool is None:
+            await conn.close()
+        else:
+            await self._pool.putconn(conn)
+
+    async def aclose(self) -> None:
+        """Close the pool and every connection in it."""
+        if self._pool is not None:
+            await self._pool.close()
+
+    # Django's postgresql backend calls these synchronously (inside a bridge).
+    def open(self) -> None:
+        await_only(self.aopen())
+
+    def getconn(self) -> BridgeConnection:
+        return await_only(self.agetconn())
+
+    def putconn(self, view: BridgeConnection) -> None:
+        await_only(self.aputconn(view))
+
+    def close(self) -> None:
+        await_only(self.aclose())
+
+    def get_stats(self) -> dict[str, int]:
+        """Return psycopg_pool's counters (size, available, waiting, timeouts ...)."""
+        return self._pool.get_stats() if self._pool is not None else {}
+
+
+def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
+    """Return the pool of ``wrapper``'s alias on the running loop, making it once."""
+    loop = asyncio.get_running_loop()
+    per_loop = _pools.get(loop)
+    if per_loop is None:
+        per_loop = _pools[loop] = {}
+    pool = per_loop.get(wrapper.alias)
+    if pool is None:
+        pool = per_loop[wrapper.alias] = AsyncPool(wrapper)
+    return pool
+
+
+def discard_pool(alias: str) -> AsyncPool | None:
+    """Forget the running loop's pool for ``alias`` (the caller closes it)."""
+    per_loop = _pools.get(asyncio.get_running_loop())
+    return per_loop.pop(alias, None) if per_loop else None
+
+
+async def close_pools() -> None:
+    """Close every pool of the running event loop."""
+    per_loop = _pools.pop(asyncio.get_running_loop(), {})
+    for pool in per_loop.values():
+        await pool.aclose()
+
+
+def pool_stats(alias: str = "default") -> dict[str, int]:
+    """Return the running loop's pool counters for ``alias`` (empty if none yet).
+
+    Example::
+
+        stats = django_async_db.pool_stats("default")
+        stats["pool_size"], stats["pool_available"], stats.get("requests_waiting", 0)
+    """
+    per_loop = _pools.get(asyncio.get_running_loop())
+    pool = per_loop.get(alias) if per_loop else None
+    return pool.get_stats() if pool is not None else {}

@@ -1,0 +1,98 @@
+"""PostgreSQL database backend for Django whose I/O is async inside a bridge.
+
+Outside an event loop this *is* Django's postgresql backend (migrations,
+management commands, admin, WSGI, the test runner's database creation). In a
+thread with a running loop, a wrapper belongs to one asyncio task and gets
+its connection from the alias's async pool on that loop; its queries run
+through :func:`~django_async_db.run_sync`, where every wait is an await.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import types
+from typing import Any
+
+import psycopg
+from django.db.backends.postgresql import base as pg_base
+
+from ..._bridge import bridge_async_unsafe, in_bridge
+from ..._pool import AsyncPool, discard_pool, get_pool
+from ..._storage import install
+from ._psycopg import BridgeConnection
+
+__all__ = ["DatabaseWrapper"]
+
+
+class _PsycopgModule(types.ModuleType):
+    """psycopg as Django sees it, except that ``connect`` makes bridge connections."""
+
+    connect = staticmethod(BridgeConnection.connect)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(psycopg, name)
+
+
+_Database = _PsycopgModule("psycopg")
+_Database.__version__ = psycopg.__version__
+
+# Django guards these with @async_unsafe, which refuses any call while a loop
+# runs in the thread. They are re-applied with a check that allows calls made
+# from inside a bridge (their I/O is async there).
+_ASYNC_UNSAFE = (
+    "connect",
+    "ensure_connection",
+    "cursor",
+    "commit",
+    "rollback",
+    "close",
+    "savepoint",
+    "savepoint_rollback",
+    "savepoint_commit",
+    "clean_savepoints",
+    "get_new_connection",
+    "create_cursor",
+    "chunked_cursor",
+)
+
+
+class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
+    """Django's postgresql ``DatabaseWrapper``, async underneath inside a bridge."""
+
+    Database = _Database
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        install()
+        try:
+            self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+
+    @property
+    def is_async(self) -> bool:
+        """Return True for a wrapper owned by an asyncio task (pooled per loop)."""
+        return self._loop is not None
+
+    @property
+    def pool(self) -> Any:
+        if self._loop is not None and self.alias != pg_base.NO_DB_ALIAS:
+            return get_pool(self)
+        return super().pool
+
+    @property
+    def async_pool(self) -> AsyncPool:
+        """Return the async pool this task-owned wrapper draws connections from."""
+        return get_pool(self)
+
+    def close_pool(self) -> None:
+        if self._loop is None:
+            super().close_pool()
+        elif (pool := discard_pool(self.alias)) is not None and in_bridge():
+            pool.close()
+
+
+for _name in _ASYNC_UNSAFE:
+    _original = getattr(DatabaseWrapper, _name)
+    setattr(DatabaseWrapper, _name, bridge_async_unsafe(getattr(_original, "__wrapped__", _original)))
+del _name, _original
