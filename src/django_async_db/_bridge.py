@@ -48,11 +48,12 @@ SYNC_ONLY_MESSAGE = (
 class _BridgeGreenlet(greenlet):  # type: ignore[misc]
     """A greenlet running sync code on behalf of the coroutine in ``driver``."""
 
-    __slots__ = ("driver",)
+    __slots__ = ("allow_sync", "driver")
 
     def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
         super().__init__(fn, driver)
         self.driver = driver
+        self.allow_sync = 0
         # Share the task's contextvars: the sync code sees the same context
         # (and therefore the same task-owned connections) as the caller.
         self.gr_context = driver.gr_context
@@ -164,6 +165,38 @@ def bridge_async_unsafe(func: Callable[P, T], message: str = SYNC_ONLY_MESSAGE) 
         return func(*args, **kwargs)
 
     return inner
+
+
+def call_allowing_sync(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """Call ``func``, letting Django's own ``@async_unsafe`` checks pass inside a bridge.
+
+    For Django methods that cannot be reached through ``__wrapped__`` because
+    something re-wrapped them (Django's and pytest-django's test-time
+    ``ensure_connection`` patches). Outside a bridge it is a plain call.
+    """
+    current = getcurrent()
+    if type(current) is not _BridgeGreenlet:
+        return func(*args, **kwargs)
+    current.allow_sync += 1
+    try:
+        return func(*args, **kwargs)
+    finally:
+        current.allow_sync -= 1
+
+
+def _django_get_running_loop() -> asyncio.AbstractEventLoop:
+    """``get_running_loop`` as Django's ``async_unsafe`` sees it."""
+    current = getcurrent()
+    if type(current) is _BridgeGreenlet and current.allow_sync:
+        raise RuntimeError("no running event loop")
+    return asyncio.get_running_loop()
+
+
+def install_async_unsafe_hook() -> None:
+    """Let :func:`call_allowing_sync` open Django's ``@async_unsafe`` checks (idempotent)."""
+    import django.utils.asyncio
+
+    django.utils.asyncio.get_running_loop = _django_get_running_loop  # type: ignore[attr-defined]
 
 
 def sync_to_bridge(

@@ -23,7 +23,7 @@ from .exceptions import PoolTimeout
 if TYPE_CHECKING:
     from .backends.postgresql.base import DatabaseWrapper
 
-__all__ = ["AsyncPool", "close_pools", "get_pool", "pool_stats"]
+__all__ = ["AsyncPool", "close_pools", "get_pool", "pool_stats", "terminate_pools"]
 
 #: Used when ``OPTIONS["pool"]`` is absent or ``True``.
 DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 20, "timeout": 30.0}
@@ -80,6 +80,8 @@ class AsyncPool:
         self._configure_view: Callable[[BridgeConnection], object] = wrapper._configure_connection
         self.options = options
         self._pool: psycopg_pool.AsyncConnectionPool[PooledAsyncConnection] | None = None
+        # Every connection this pool made, to close them if the loop closes first.
+        self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
             check = options.pop("check", None)
             if check is None and wrapper.settings_dict.get("CONN_HEALTH_CHECKS"):
@@ -106,6 +108,7 @@ class AsyncPool:
         return self._pool.max_size if self._pool is not None else 0
 
     async def _configure(self, conn: PooledAsyncConnection) -> None:
+        self._conns.add(conn)
         conn.view_kwargs = self._view_kwargs
         await run_sync(self._configure_view, conn.view)
 
@@ -160,6 +163,12 @@ class AsyncPool:
     def close(self) -> None:
         await_only(self.aclose())
 
+    def terminate(self) -> None:
+        """Close every connection now, without I/O on the loop (it is closing)."""
+        for conn in list(self._conns):
+            if not conn.closed:
+                conn.pgconn.finish()
+
     def get_stats(self) -> dict[str, int]:
         """Return psycopg_pool's counters (size, available, waiting, timeouts ...)."""
         return self._pool.get_stats() if self._pool is not None else {}
@@ -171,10 +180,38 @@ def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
     per_loop = _pools.get(loop)
     if per_loop is None:
         per_loop = _pools[loop] = {}
+        _on_loop_close(loop)
     pool = per_loop.get(wrapper.alias)
     if pool is None:
         pool = per_loop[wrapper.alias] = AsyncPool(wrapper)
     return pool
+
+
+def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:
+    """Close the loop's pools' connections when the loop closes or is collected.
+
+    A loop closed with pools still open (``asyncio.run()`` of a script that
+    never called ``async_connections.close_all()``, a test's loop) must not
+    leave server sessions behind.
+    """
+    per_loop = _pools[loop]
+
+    def terminate() -> None:
+        for pool in per_loop.values():
+            pool.terminate()
+
+    weakref.finalize(loop, terminate)
+    original_close = loop.close
+
+    def close() -> None:
+        _pools.pop(loop, None)
+        terminate()
+        original_close()
+
+    try:
+        loop.close = close  # type: ignore[method-assign]
+    except (AttributeError, TypeError):  # loops without instance attributes (uvloop)
+        pass
 
 
 def discard_pool(alias: str) -> AsyncPool | None:
@@ -188,6 +225,14 @@ async def close_pools() -> None:
     per_loop = _pools.pop(asyncio.get_running_loop(), {})
     for pool in per_loop.values():
         await pool.aclose()
+
+
+def terminate_pools(alias: str) -> None:
+    """Close every connection of ``alias``'s pools on every loop, without I/O on them."""
+    for loop, per_loop in list(_pools.items()):
+        pool = per_loop.pop(alias, None)
+        if pool is not None:
+            pool.terminate()
 
 
 def pool_stats(alias: str = "default") -> dict[str, int]:

@@ -12,8 +12,8 @@ share its connection and transaction. :class:`TaskLocal` replaces it:
 * otherwise (threads, sync code) it is a plain thread-local, exactly Django's
   behaviour.
 
-A thread's loop can also *pin* a wrapper for an alias (test support: async
-tests must use the test case's connection and transaction).
+A wrapper can also be *pinned* for an alias (test support: async tests must
+use the test case's connection and transaction, whichever loop runs them).
 """
 
 from __future__ import annotations
@@ -43,62 +43,66 @@ class TaskLocal:
         object.__setattr__(self, "_tasks", weakref.WeakKeyDictionary())
         object.__setattr__(self, "_pins", {})
 
-    def _namespace(self, create: bool) -> Any:
-        task = None
+    def _namespace(self, create: bool) -> tuple[Any, bool]:
+        """Return (namespace, owned by a task) for the caller."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            loop = None
-        else:
-            task = asyncio.current_task(loop)
+            return self._thread, False
+        task = asyncio.current_task(loop)
         if task is None:
-            return self._thread
+            return self._thread, False
         tasks: weakref.WeakKeyDictionary[asyncio.Task[Any], _Namespace] = self._tasks
         ns = tasks.get(task)
         if ns is None:
             ns = _Namespace()
-            pins = self._pins.get(loop)
-            if pins:
-                ns.__dict__.update(pins)
-            if not create:
-                return ns
-            tasks[task] = ns
-            task.add_done_callback(self._task_done)
-        return ns
+            if create:
+                tasks[task] = ns
+                task.add_done_callback(self._task_done)
+        return ns, True
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         ns = self._tasks.pop(task, None)
-        if ns is None:
-            return
-        pinned = self._pins.get(task.get_loop(), {})
-        owned = [w for a, w in vars(ns).items() if pinned.get(a) is not w]
-        if any(w.connection is not None for w in owned):
-            release = task.get_loop().create_task(_release(owned))
+        if ns is not None and any(w.connection is not None for w in vars(ns).values()):
+            release = task.get_loop().create_task(_release(list(vars(ns).values())))
             _releases.add(release)
             release.add_done_callback(_releases.discard)
 
     def __getattr__(self, name: str) -> Any:
+        ns, in_task = self._namespace(create=False)
         try:
-            return getattr(self._namespace(create=False), name)
+            return getattr(ns, name)
         except AttributeError:
+            if in_task and (pinned := self._pins.get(name)) is not None:
+                return pinned
             raise AttributeError(name) from None
 
     def __setattr__(self, name: str, value: Any) -> None:
-        setattr(self._namespace(create=True), name, value)
+        setattr(self._namespace(create=True)[0], name, value)
 
     def __delattr__(self, name: str) -> None:
-        delattr(self._namespace(create=True), name)
+        delattr(self._namespace(create=True)[0], name)
 
-    def pin(self, loop: asyncio.AbstractEventLoop, alias: str, wrapper: Any) -> None:
-        """Make every task of ``loop`` use ``wrapper`` for ``alias``."""
-        self._pins.setdefault(loop, {})[alias] = wrapper
+    def pin(self, alias: str, wrapper: Any) -> None:
+        """Make every task, on any loop, use ``wrapper`` for ``alias`` until unpinned.
 
-    def unpin(self, loop: asyncio.AbstractEventLoop, alias: str | None = None) -> None:
+        Test support: async tests must run on the test case's connection (and
+        its transaction). The wrapper is marked as shared between threads.
+        """
+        self.unpin(alias)
+        wrapper.inc_thread_sharing()
+        self._pins[alias] = wrapper
+
+    def unpin(self, alias: str | None = None) -> None:
         """Undo :meth:`pin` for ``alias`` (every alias when None)."""
-        if alias is None:
-            self._pins.pop(loop, None)
-        else:
-            self._pins.get(loop, {}).pop(alias, None)
+        for name in list(self._pins) if alias is None else [alias]:
+            wrapper = self._pins.pop(name, None)
+            if wrapper is not None:
+                wrapper.dec_thread_sharing()
+
+    def pinned(self, alias: str) -> Any:
+        """Return the wrapper pinned for ``alias``, or None."""
+        return self._pins.get(alias)
 
 
 _releases: set[asyncio.Task[None]] = set()
@@ -120,7 +124,7 @@ def task_wrappers() -> dict[str, Any]:
     """Return the current task's initialized wrappers by alias."""
     storage = connections._connections
     if isinstance(storage, TaskLocal):
-        return dict(vars(storage._namespace(create=False)))
+        return dict(vars(storage._namespace(create=False)[0]))
     return {}
 
 

@@ -1,4 +1,4 @@
-"""Django app config: installs task-owned connection storage when Django starts."""
+"""Django app config: task-owned connections and the native async ORM, installed at startup."""
 
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ class DjangoAsyncDbConfig(AppConfig):
     verbose_name = "Django async DB"
 
     def ready(self) -> None:
-        from ._storage import install
+        from . import _orm, _storage, test
 
-        install()
+        _storage.install()
+        _orm.install()
+        test.install_testcase_pinning()

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
+from collections import deque
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -34,8 +36,68 @@ _ACTIVE = pq.TransactionStatus.ACTIVE
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
+class BridgeLock:
+    """psycopg's connection lock, made safe for greenlets sharing one thread.
+
+    A ``threading.Lock`` held by a greenlet suspended in an await would block
+    the whole loop thread when another greenlet (another task sharing the
+    connection, as tests do) tries to take it. Inside a bridge, a contended
+    acquire waits on the loop instead; elsewhere it blocks like a plain lock.
+    """
+
+    __slots__ = ("_lock", "_waiters")
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(False):
+            return True
+        if not blocking:
+            return False
+        if in_bridge():
+            loop = asyncio.get_running_loop()
+            while not self._lock.acquire(False):
+                fut = loop.create_future()
+                self._waiters.append(fut)
+                try:
+                    await_only(fut)
+                finally:
+                    if not fut.done():
+                        fut.cancel()
+            return True
+        return self._lock.acquire(True, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.get_loop().call_soon_threadsafe(_wake, fut)
+                break
+
+    def locked(self) -> bool:
+        return self._lock.locked()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _wake(fut: asyncio.Future[None]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
 class BridgeConnection(psycopg.Connection[Any]):
     """A sync psycopg connection that waits on the event loop inside a bridge."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.lock = BridgeLock()  # type: ignore[assignment]
 
     def wait(
         self,

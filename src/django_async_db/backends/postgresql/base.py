@@ -14,12 +14,19 @@ import types
 from typing import Any
 
 import psycopg
+from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg_base
 
-from ..._bridge import bridge_async_unsafe, in_bridge
+from ..._bridge import (
+    bridge_async_unsafe,
+    call_allowing_sync,
+    in_bridge,
+    install_async_unsafe_hook,
+)
 from ..._pool import AsyncPool, discard_pool, get_pool
 from ..._storage import install
 from ._psycopg import BridgeConnection
+from .creation import DatabaseCreation
 
 __all__ = ["DatabaseWrapper"]
 
@@ -33,6 +40,7 @@ class _PsycopgModule(types.ModuleType):
         return getattr(psycopg, name)
 
 
+install_async_unsafe_hook()
 _Database = _PsycopgModule("psycopg")
 _Database.__version__ = psycopg.__version__
 
@@ -60,6 +68,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
     """Django's postgresql ``DatabaseWrapper``, async underneath inside a bridge."""
 
     Database = _Database
+    creation_class = DatabaseCreation
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -90,6 +99,12 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
             super().close_pool()
         elif (pool := discard_pool(self.alias)) is not None and in_bridge():
             pool.close()
+
+
+    def ensure_connection(self) -> None:
+        # Looked up at call time so that test tools replacing the base method
+        # (pytest-django's database blocker) still apply to this backend.
+        call_allowing_sync(BaseDatabaseWrapper.ensure_connection, self)
 
 
 for _name in _ASYNC_UNSAFE:

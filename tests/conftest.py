@@ -1,0 +1,86 @@
+"""Shared fixtures: real PostgreSQL (``DATABASE_URL``), unique test database names."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import Any
+
+import psycopg
+import pytest
+import pytest_asyncio
+from django.db import connections
+
+from django_async_db import async_connections
+
+
+@pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
+async def _no_sessions_left(django_db_setup: None, django_db_blocker: Any) -> AsyncIterator[None]:
+    """At the end of the run, close the pools and prove no session is left open."""
+    yield
+    await async_connections.close_all()
+    thread_local = connections._connections._thread  # this thread's sync connections
+    keep = {}
+    for alias in connections:
+        sync = getattr(thread_local, alias, None)
+        if sync is not None:
+            sync.close_pool()  # Django's own (sync) pool, used by the sync test setup
+            if sync.connection is not None:
+                keep[alias] = sync.connection.info.backend_pid
+    await asyncio.sleep(0.3)  # let the server notice the closed sockets
+    for alias in connections:
+        name = connections.settings[alias]["NAME"]
+        if name != connections.settings[alias]["TEST"]["NAME"]:
+            continue  # not set up for this run (no test used the alias)
+        left = sessions_on(name, exclude=keep.get(alias, 0))
+        assert left == 0, f"{left} sessions left open on {alias!r}'s test database"
+
+
+def sessions_on(dbname: str, exclude: int = 0) -> int:
+    """Count the server sessions connected to ``dbname`` (from a separate connection)."""
+    params = connections["default"].get_connection_params()
+    with psycopg.connect(
+        dbname="postgres",
+        **{k: params[k] for k in ("user", "password", "host", "port") if k in params},
+        autocommit=True,
+    ) as conn:
+        row = conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = %s AND pid <> %s",
+            [dbname, exclude],
+        ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+@pytest.fixture
+def thread_probe() -> Iterator[Callable[[], set[int]]]:
+    """Record the thread of every SQL statement run on any connection during the test."""
+    idents: set[int] = set()
+    wrappers: list[Any] = []
+
+    def probe(execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any) -> Any:
+        idents.add(threading.get_ident())
+        return execute(sql, params, many, context)
+
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    original = BaseDatabaseWrapper.__init__
+
+    def init(self: Any, *args: Any, **kwargs: Any) -> None:
+        original(self, *args, **kwargs)
+        self.execute_wrappers.append(probe)
+        wrappers.append(self)
+
+    BaseDatabaseWrapper.__init__ = init  # type: ignore[method-assign]
+    existing = [c for c in connections.all(initialized_only=True)]
+    for conn in existing:
+        conn.execute_wrappers.append(probe)
+    try:
+        yield lambda: set(idents)
+    finally:
+        BaseDatabaseWrapper.__init__ = original  # type: ignore[method-assign]
+        for conn in existing + wrappers:
+            if probe in conn.execute_wrappers:
+                conn.execute_wrappers.remove(probe)
+

@@ -1,0 +1,43 @@
+"""Models the test suite runs the ORM against."""
+
+from __future__ import annotations
+
+from django.db import models
+
+
+class Author(models.Model):
+    name = models.CharField(max_length=100)
+    bio = models.TextField(blank=True, default="")
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Tag(models.Model):
+    name = models.CharField(max_length=50, unique=True)
+
+
+class Book(models.Model):
+    title = models.CharField(max_length=200)
+    author = models.ForeignKey(Author, related_name="books", on_delete=models.CASCADE)
+    tags = models.ManyToManyField(Tag, related_name="books", blank=True)
+    pages = models.IntegerField(default=100)
+    published = models.DateTimeField(null=True, blank=True)
+
+
+class Review(models.Model):
+    book = models.ForeignKey(Book, related_name="reviews", on_delete=models.CASCADE)
+    stars = models.IntegerField()
+
+
+class Account(models.Model):
+    name = models.CharField(max_length=50)
+    balance = models.BigIntegerField(default=0)
+
+
+class Event(models.Model):
+    """A row per observed event: what the concurrency tests write and count."""
+
+    task = models.IntegerField()
+    label = models.CharField(max_length=50)
+    txid = models.BigIntegerField(null=True)
