@@ -224,7 +224,13 @@ def install() -> None:
     if _installed:
         return
     _installed = True
+    from django.apps import apps
+
     for name in _SYNC_TO_ASYNC_MODULES:
+        if name.startswith("django.contrib.") and not apps.is_installed(
+            ".".join(name.split(".")[:3])
+        ):
+            continue  # importing it would fail: its models are not installed
         module = importlib.import_module(name)
         if getattr(module, "sync_to_async", None) is asgiref_sync.sync_to_async:
             module.sync_to_async = bridged_sync_to_async  # type: ignore[attr-defined]
@@ -237,8 +243,6 @@ def install() -> None:
     setting_changed.connect(_forget_aliases, dispatch_uid="django_async_db._orm")
     # aauthenticate() runs ModelBackend.authenticate() in the bridge: keep the
     # password hashing it does (hundreds of ms of CPU) off the event loop.
-    from django.apps import apps
-
     if apps.is_installed("django.contrib.auth"):
         base_user = importlib.import_module("django.contrib.auth.base_user")
         base_user.check_password = _check_password  # type: ignore[attr-defined]
