@@ -1,0 +1,210 @@
+"""Count CPU instructions per primary-key lookup with valgrind's callgrind.
+
+Usage (PostgreSQL from DATABASE_URL; ./dev bench-instructions does the setup)::
+
+    python bench/instructions.py            # every contender, a markdown table
+    python bench/instructions.py --run MODE N   # internal: one measured process
+
+Each contender runs in its own process twice under callgrind, with a short
+and a long loop; (long - short) / (difference in iterations) is the cost of
+one lookup with start-up, imports and warm-up cancelled out. Instruction
+counts are deterministic, so the figures do not depend on machine load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+HERE = Path(__file__).resolve().parent
+SHORT, LONG = 100, 600
+WARMUP = 50
+
+CONTENDERS = {
+    "raw_psycopg_sync": "raw psycopg sync Connection",
+    "raw_psycopg_async": "raw psycopg AsyncConnection",
+    "django_sync": "plain sync Django get() (stock backend)",
+    "ours_run_sync": "django-async-db: await run_sync(lambda: get())",
+    "ours_aget": "django-async-db: await aget()",
+    "django_aget": "Django's aget() (stock backend, thread hop)",
+}
+BASELINE = "django_sync"
+
+
+def _db() -> dict[str, Any]:
+    url = urlsplit(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
+    return {
+        "NAME": os.environ["BENCH_DB"],
+        "USER": unquote(url.username or "postgres"),
+        "PASSWORD": unquote(url.password or ""),
+        "HOST": url.hostname or "127.0.0.1",
+        "PORT": str(url.port or 5432),
+    }
+
+
+def _conninfo(dbname: str | None = None) -> str:
+    db = _db()
+    return (
+        f"dbname={dbname or db['NAME']} user={db['USER']} host={db['HOST']} port={db['PORT']}"
+        + (f" password={db['PASSWORD']}" if db["PASSWORD"] else "")
+    )
+
+
+def _setup_django(ours: bool) -> Any:
+    import django
+    from django.conf import settings
+
+    engine = "django_async_db.backends.postgresql" if ours else "django.db.backends.postgresql"
+    settings.configure(
+        DATABASES={"default": {"ENGINE": engine, **_db(), "OPTIONS": {}}},
+        INSTALLED_APPS=["django_async_db", "bench_app"] if ours else ["bench_app"],
+        USE_TZ=True,
+        DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
+    )
+    sys.path.insert(0, str(HERE))
+    django.setup()
+    from bench_app.models import Author
+
+    return Author
+
+
+def run(mode: str, n: int) -> None:
+    """Do ``WARMUP + n`` lookups of the same row with contender ``mode``."""
+    pk = 1
+    if mode == "raw_psycopg_sync":
+        import psycopg
+
+        with psycopg.connect(_conninfo(), autocommit=True) as conn:
+            for _ in range(WARMUP + n):
+                conn.execute(
+                    "SELECT id, name, bio FROM bench_app_author WHERE id = %s", [pk]
+                ).fetchone()
+        return
+    if mode == "raw_psycopg_async":
+        import psycopg
+
+        async def raw() -> None:
+            async with await psycopg.AsyncConnection.connect(_conninfo(), autocommit=True) as conn:
+                for _ in range(WARMUP + n):
+                    cur = await conn.execute(
+                        "SELECT id, name, bio FROM bench_app_author WHERE id = %s", [pk]
+                    )
+                    await cur.fetchone()
+
+        asyncio.run(raw())
+        return
+    author = _setup_django(ours=mode.startswith("ours"))
+    if mode == "django_sync":
+        for _ in range(WARMUP + n):
+            author.objects.get(pk=pk)
+        return
+
+    async def main() -> None:
+        if mode == "ours_run_sync":
+            from django_async_db import async_connections, run_sync
+
+            for _ in range(WARMUP + n):
+                await run_sync(lambda: author.objects.get(pk=pk))
+            await async_connections.close_all()
+        else:  # ours_aget, django_aget
+            for _ in range(WARMUP + n):
+                await author.objects.aget(pk=pk)
+            if mode == "ours_aget":
+                from django_async_db import async_connections
+
+                await async_connections.close_all()
+
+    asyncio.run(main())
+
+
+def _callgrind(mode: str, n: int) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "cg.out"
+        proc = subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "--run",
+                mode,
+                str(n),
+            ],
+            capture_output=True,
+            text=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+            check=False,
+        )
+        if proc.returncode != 0:
+            raise SystemExit(f"{mode}: callgrind run failed:\n{proc.stderr[-2000:]}")
+        match = re.search(r"Collected : (\d+)", proc.stderr)
+        if not match:
+            raise SystemExit(f"{mode}: no instruction total in callgrind's output")
+        return int(match.group(1))
+
+
+def _create_db() -> str:
+    import psycopg
+
+    name = f"djasync_bench_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'CREATE DATABASE "{name}"')
+    with psycopg.connect(_conninfo(name), autocommit=True) as c:
+        c.execute(
+            "CREATE TABLE bench_app_author (id bigserial PRIMARY KEY, name varchar(100) NOT NULL,"
+            " bio text NOT NULL)"
+        )
+        c.execute(
+            "INSERT INTO bench_app_author (name, bio) SELECT 'author ' || i, 'bio' "
+            "FROM generate_series(1, 100) i"
+        )
+    return name
+
+
+def _drop_db(name: str) -> None:
+    import psycopg
+
+    with psycopg.connect(_conninfo("postgres"), autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--run", nargs=2, metavar=("MODE", "N"))
+    parser.add_argument("--only", nargs="*", choices=list(CONTENDERS))
+    args = parser.parse_args()
+    if args.run:
+        run(args.run[0], int(args.run[1]))
+        return
+    os.environ.setdefault("BENCH_DB", "postgres")
+    name = _create_db()
+    os.environ["BENCH_DB"] = name
+    try:
+        per_op: dict[str, float] = {}
+        for mode in args.only or CONTENDERS:
+            short, long = _callgrind(mode, SHORT), _callgrind(mode, LONG)
+            per_op[mode] = (long - short) / (LONG - SHORT)
+            print(f"  {mode}: {per_op[mode] / 1000:,.0f}k instructions", file=sys.stderr)
+    finally:
+        os.environ["BENCH_DB"] = "postgres"
+        _drop_db(name)
+    base = per_op.get(BASELINE)
+    print("| contender | k instructions per get(pk) | vs plain sync Django |")
+    print("|---|---:|---:|")
+    for mode, cost in per_op.items():
+        ratio = f"{cost / base:.2f}" if base else "n/a"
+        print(f"| {CONTENDERS[mode]} | {cost / 1000:,.0f} | {ratio} |")
+
+
+if __name__ == "__main__":
+    main()
