@@ -8,12 +8,16 @@ names from ``DJASYNC_RUN_ID`` so several runs can share one server.
 from __future__ import annotations
 
 import os
+import sys
 import uuid
+from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
 _url = urlsplit(os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres"))
 _run_id = os.environ.setdefault("DJASYNC_RUN_ID", uuid.uuid4().hex[:10])
 _engine = os.environ.get("DJASYNC_TEST_ENGINE", "django_async_db.backends.postgresql")
+# The demo project (examples/demo: apps "blog", "demosite"), tested in tests/demo.
+sys.path.append(str(Path(__file__).resolve().parent.parent / "examples" / "demo"))
 
 
 def _alias(suffix: str) -> dict[str, object]:
@@ -36,6 +40,7 @@ INSTALLED_APPS = [
     "django.contrib.sessions",
     "django_async_db",
     "tests.testapp",
+    "blog",
 ]
 SECRET_KEY = "django-async-db-tests"
 USE_TZ = True

@@ -99,11 +99,16 @@ async def run_sync(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> 
     while not glet.dead:
         try:
             value = await result
-        except BaseException as exc:  # noqa: BLE001 - every exception goes back into fn
+        except BaseException as exc:  # every exception goes back into fn
             result = glet.throw(exc)
         else:
             result = glet.switch(value)
     return cast(T, result)
+
+
+#: Set by the connection storage: ``share_connections(child_task, parent_task)``
+#: makes a task created for a shielded await use its parent's connections.
+share_connections: Callable[[Any, Any], None] | None = None
 
 
 async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
@@ -118,6 +123,11 @@ async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kw
     cancelled: asyncio.CancelledError | None = None
     while not glet.dead:
         fut = asyncio.ensure_future(result)
+        if fut is not result and share_connections is not None:
+            # The awaitable runs in a task of its own (so cancelling this task
+            # cannot interrupt it); it must keep using this task's connections,
+            # e.g. an async on_commit callback run by Atomic.__exit__.
+            share_connections(fut, asyncio.current_task())
         while True:
             try:
                 value = await asyncio.shield(fut)
@@ -126,7 +136,7 @@ async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kw
                     cancelled = exc  # the task was cancelled, not the I/O: keep waiting
                     continue
                 result = glet.throw(exc)
-            except BaseException as exc:  # noqa: BLE001
+            except BaseException as exc:
                 result = glet.throw(exc)
             else:
                 result = glet.switch(value)

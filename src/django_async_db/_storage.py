@@ -26,6 +26,8 @@ from typing import Any
 
 from django.db import connections
 
+from . import _bridge
+
 logger = logging.getLogger("django_async_db")
 
 __all__ = ["TaskLocal", "install", "task_wrappers"]
@@ -67,6 +69,24 @@ class TaskLocal:
             release = task.get_loop().create_task(_release(list(vars(ns).values())))
             _releases.add(release)
             release.add_done_callback(_releases.discard)
+
+    def share(self, child: asyncio.Task[Any], parent: asyncio.Task[Any] | None) -> None:
+        """Make ``child`` use ``parent``'s connections while it runs.
+
+        For a task the parent awaits and does nothing meanwhile (a shielded
+        await): the connections stay the parent's, released when it ends.
+        """
+        if parent is None:
+            return
+        ns = self._tasks.get(parent)
+        if ns is None:
+            ns = self._tasks[parent] = _Namespace()
+            parent.add_done_callback(self._task_done)
+        self._tasks[child] = ns
+        child.add_done_callback(self._unshare)
+
+    def _unshare(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.pop(task, None)
 
     def __getattr__(self, name: str) -> Any:
         ns, in_task = self._namespace(create=False)
@@ -116,7 +136,7 @@ async def _release(wrappers: list[Any]) -> None:
             continue
         try:
             await run_sync_shielded(wrapper.close)
-        except Exception:  # noqa: BLE001 - a failed release must not stop the others
+        except Exception:  # a failed release must not stop the others
             logger.exception("Releasing the connection of alias %r failed.", wrapper.alias)
 
 
@@ -142,4 +162,5 @@ def install() -> TaskLocal:
             setattr(new._thread, alias, wrapper)
         connections._connections = new
         storage = new
+        _bridge.share_connections = new.share
     return storage

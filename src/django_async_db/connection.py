@@ -8,6 +8,7 @@ the same task.
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -15,7 +16,7 @@ from types import TracebackType
 from typing import Any
 
 from django.core.exceptions import ImproperlyConfigured
-from django.db import DEFAULT_DB_ALIAS, connections
+from django.db import DEFAULT_DB_ALIAS, ProgrammingError, connections
 
 from ._bridge import await_only, run_sync, run_sync_shielded
 from ._pool import close_pools
@@ -45,6 +46,7 @@ def sync_callback(func: Callable[[], Any]) -> Callable[[], Any]:
     if not inspect.iscoroutinefunction(func):
         return func
 
+    @functools.wraps(func, updated=())
     def call() -> Any:
         return await_only(func())
 
@@ -75,7 +77,10 @@ class AsyncCursor:
         return self
 
     async def __aexit__(
-        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
     ) -> None:
         await self.close()
 
@@ -113,7 +118,7 @@ class AsyncCursor:
 
     def _fetched(self) -> Any:
         if self._cursor is None:
-            raise ImproperlyConfigured("Call `await cursor.execute(...)` before fetching rows.")
+            raise ProgrammingError("Call `await cursor.execute(...)` before fetching rows.")
         return self._cursor
 
     @property
@@ -182,7 +187,9 @@ class AsyncConnection:
         """Check a connection out of the pool now (normally done on first query)."""
         await run_sync(self._wrapper.ensure_connection)
 
-    async def on_commit(self, func: Callable[[], Any | Awaitable[Any]], robust: bool = False) -> None:
+    async def on_commit(
+        self, func: Callable[[], Any | Awaitable[Any]], robust: bool = False
+    ) -> None:
         """Register ``func`` (sync or async) to run after the transaction commits.
 
         Outside a transaction it runs at once, like Django's ``on_commit``.

@@ -21,14 +21,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import logging
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+from typing import Any, TypeVar
 
+from django.core.exceptions import SynchronousOnlyOperation
 from django.db import DEFAULT_DB_ALIAS, connections
 from django.test import SimpleTestCase, TestCase, TransactionTestCase
+from django.test.testcases import _AssertNumQueriesContext
 
-from ._bridge import run_sync
+from ._bridge import in_bridge, run_sync
 from ._storage import install as install_storage
 
 __all__ = [
@@ -36,9 +37,11 @@ __all__ = [
     "AsyncioTestCase",
     "AsyncioTransactionTestCase",
     "install_testcase_pinning",
+    "pin_connections",
+    "unpin_connections",
 ]
 
-logger = logging.getLogger("django.test")
+T = TypeVar("T")
 
 
 def _ours(wrapper: Any) -> bool:
@@ -47,71 +50,131 @@ def _ours(wrapper: Any) -> bool:
     return isinstance(wrapper, DatabaseWrapper)
 
 
-def pin_connections(aliases: Iterator[str] | list[str]) -> None:
-    """Make async code on any loop use this thread's connections for ``aliases``."""
+def pin_connections(aliases: Iterable[str]) -> dict[str, Any]:
+    """Make async code on any loop use this thread's connections for ``aliases``.
+
+    Return what was pinned before, for :func:`unpin_connections`: pins nest
+    (a ``TestCase``'s per-test transaction inside its per-class one).
+    """
     storage = install_storage()
+    previous: dict[str, Any] = {}
     for alias in aliases:
         wrapper = connections[alias]
         if _ours(wrapper):
+            previous[alias] = storage.pinned(alias)
+            storage.pin(alias, wrapper)
+    return previous
+
+
+def unpin_connections(previous: dict[str, Any]) -> None:
+    """Undo :func:`pin_connections`, given what it returned."""
+    storage = install_storage()
+    for alias, wrapper in previous.items():
+        if wrapper is None:
+            storage.unpin(alias)
+        else:
             storage.pin(alias, wrapper)
 
 
-def unpin_connections(aliases: Iterator[str] | list[str]) -> None:
-    """Undo :func:`pin_connections`."""
-    storage = install_storage()
-    for alias in aliases:
-        storage.unpin(alias)
-
-
+# What each open set of TestCase atomics replaced, by id() of the atomics dict.
+_pinned_by_atomics: dict[int, dict[str, Any]] = {}
 _pinning_installed = False
 
 
 def install_testcase_pinning() -> None:
-    """Pin a ``TestCase``'s connections while its test transaction is open.
+    """Pin a ``TestCase``'s connections while its test transaction is open (idempotent).
 
     Applied to ``django.test.TestCase`` (and so to pytest-django's ``db``
-    fixture) when the app is ready.
+    fixture and ``django_db`` mark) when the app is ready: async code of the
+    test, on any loop and in any task, runs on the test's connection and
+    inside its transaction instead of taking a new connection.
     """
     global _pinning_installed
     if _pinning_installed:
         return
     _pinning_installed = True
+    install_storage()
     enter = TestCase._enter_atomics.__func__  # type: ignore[attr-defined]
     rollback = TestCase._rollback_atomics.__func__  # type: ignore[attr-defined]
 
     def _enter_atomics(cls: type[TestCase]) -> dict[str, Any]:
         atomics: dict[str, Any] = enter(cls)
-        pin_connections(list(atomics))
+        _pinned_by_atomics[id(atomics)] = pin_connections(atomics)
         return atomics
 
     def _rollback_atomics(cls: type[TestCase], atomics: dict[str, Any]) -> None:
-        unpin_connections(list(atomics))
+        unpin_connections(_pinned_by_atomics.pop(id(atomics), {}))
         rollback(cls, atomics)
 
-    TestCase._enter_atomics = classmethod(_enter_atomics)  # type: ignore[assignment,method-assign]
-    TestCase._rollback_atomics = classmethod(_rollback_atomics)  # type: ignore[assignment,method-assign]
+    TestCase._enter_atomics = classmethod(_enter_atomics)  # type: ignore[attr-defined]
+    TestCase._rollback_atomics = classmethod(_rollback_atomics)  # type: ignore[attr-defined]
 
 
 class _AsyncioMixin:
-    """Run ``async def`` tests on a loop in the test's thread (not Django's loop thread)."""
+    """Run ``async def`` tests on a loop in the test's thread (not Django's loop thread).
+
+    ``asyncSetUp``, the test, ``asyncTearDown`` and the async cleanups run in
+    one task on one loop, so they share context variables and, in
+    transactional tests, the task's connection. The loop is closed after the
+    test, with every task it still runs cancelled and its connections closed.
+    """
 
     _testMethodName: str
+    #: Callable returning the event loop for each test (``asyncio.new_event_loop``
+    #: when None); for example ``uvloop.new_event_loop``.
+    loop_factory: Callable[[], asyncio.AbstractEventLoop] | None = None
 
     async def asyncSetUp(self) -> None:
-        """Run before each test, on the test's event loop."""
+        """Run before each test, on the test's event loop, after ``setUp()``."""
 
     async def asyncTearDown(self) -> None:
-        """Run after each test, on the test's event loop."""
+        """Run after each test, on the test's event loop, before ``tearDown()``."""
+
+    def addAsyncCleanup(
+        self, func: Callable[..., Awaitable[Any]], /, *args: Any, **kwargs: Any
+    ) -> None:
+        """Await ``func(*args, **kwargs)`` on the test's loop after ``asyncTearDown()``.
+
+        Cleanups run last in, first out, even when ``asyncSetUp()`` or the
+        test failed. Only for ``async def`` tests.
+        """
+        cleanups = getattr(self, "_async_cleanups", None)
+        if cleanups is None:
+            raise TypeError(
+                f"addAsyncCleanup() needs an async test; {self._testMethodName!r} is not "
+                f"an `async def` method. Use addCleanup() in sync tests."
+            )
+        cleanups.append((func, args, kwargs))
+
+    async def enterAsyncContext(self, cm: contextlib.AbstractAsyncContextManager[T]) -> T:
+        """Enter an async context manager, exiting it as an async cleanup."""
+        cls = type(cm)
+        try:
+            enter, exit_ = cls.__aenter__, cls.__aexit__
+        except AttributeError:
+            raise TypeError(
+                f"'{cls.__module__}.{cls.__qualname__}' object does not support "
+                f"the asynchronous context manager protocol."
+            ) from None
+        result: T = await enter(cm)
+        self.addAsyncCleanup(exit_, cm, None, None, None)
+        return result
 
     def _setup_and_call(self, result: Any, debug: bool = False) -> None:
         method = getattr(self, self._testMethodName)
         if inspect.iscoroutinefunction(method):
+            self._async_cleanups: list[tuple[Callable[..., Awaitable[Any]], Any, Any]] = []
+            # Replaced before Django's _setup_and_call() would wrap it in
+            # async_to_sync(), which runs the loop in another thread.
             setattr(self, self._testMethodName, self._on_loop(method))
         super()._setup_and_call(result, debug)  # type: ignore[misc]
 
     def _on_loop(self, method: Callable[[], Coroutine[Any, Any, Any]]) -> Callable[[], None]:
         def run() -> None:
-            with asyncio.Runner() as runner:
+            # With a loop factory the Runner leaves the thread's current loop
+            # alone (pytest-asyncio may own it).
+            factory = self.loop_factory or asyncio.new_event_loop
+            with asyncio.Runner(loop_factory=factory) as runner:
                 runner.run(self._run_async(method))
 
         return run
@@ -119,14 +182,83 @@ class _AsyncioMixin:
     async def _run_async(self, method: Callable[[], Coroutine[Any, Any, Any]]) -> None:
         from .connection import async_connections
 
-        await self.asyncSetUp()
         try:
-            await method()
+            await self.asyncSetUp()
+            try:
+                await method()
+            finally:
+                await self.asyncTearDown()
         finally:
             try:
-                await self.asyncTearDown()
+                await self._do_async_cleanups()
             finally:
+                # The test's task-owned connections and this loop's pools;
+                # pinned connections (AsyncTestCase) are not the task's own.
                 await async_connections.close_all()
+
+    async def _do_async_cleanups(self) -> None:
+        error: BaseException | None = None
+        while self._async_cleanups:
+            func, args, kwargs = self._async_cleanups.pop()
+            try:
+                await func(*args, **kwargs)
+            except BaseException as exc:  # run every cleanup, raise the first error
+                error = error or exc
+        if error is not None:
+            raise error
+
+
+class _QueriesMixin:
+    """``assertNumQueries`` usable with ``async with`` (the count includes bridge queries)."""
+
+    def assertNumQueries(  # type: ignore[override]
+        self,
+        num: int,
+        func: Callable[..., Any] | None = None,
+        *args: Any,
+        using: str = DEFAULT_DB_ALIAS,
+        **kwargs: Any,
+    ) -> Any:
+        """Assert ``num`` queries run on ``using``: ``with``, ``async with``, or a callable.
+
+        Example::
+
+            async with self.assertNumQueries(1):
+                await Author.objects.aget(pk=1)
+            await self.assertNumQueries(2, create_two)   # an async function
+        """
+        context = _AsyncAssertNumQueriesContext(self, num, connections[using])
+        if func is None:
+            return context
+        if inspect.iscoroutinefunction(func):
+            return _awaited_in(context, func(*args, **kwargs))
+        with context:
+            func(*args, **kwargs)
+        return None
+
+
+async def _awaited_in(context: _AsyncAssertNumQueriesContext, coro: Awaitable[Any]) -> None:
+    async with context:
+        await coro
+
+
+class _AsyncAssertNumQueriesContext(_AssertNumQueriesContext):  # type: ignore[misc]
+    """Django's query-count context, also usable with ``async with``."""
+
+    def __enter__(self) -> _AsyncAssertNumQueriesContext:
+        if _loop_running() and not in_bridge():
+            raise SynchronousOnlyOperation(
+                "assertNumQueries() cannot be entered with `with` in async code: it "
+                "touches the connection. Use `async with self.assertNumQueries(...)`."
+            )
+        return super().__enter__()  # type: ignore[no-any-return]
+
+    async def __aenter__(self) -> _AsyncAssertNumQueriesContext:
+        # __enter__ may connect (ensure_connection): do it through the bridge.
+        return await run_sync(self.__enter__)  # type: ignore[no-any-return]
+
+    async def __aexit__(self, *exc: Any) -> None:
+        self.__exit__(*exc)  # no I/O: counts the queries and compares
 
 
 class AsyncioTestCase(_AsyncioMixin, SimpleTestCase):
@@ -135,17 +267,20 @@ class AsyncioTestCase(_AsyncioMixin, SimpleTestCase):
     Example::
 
         class SlugTests(AsyncioTestCase):
+            async def asyncSetUp(self):
+                self.client = await make_client()
+
             async def test_slug(self):
                 self.assertEqual(await make_slug("A b"), "a-b")
     """
 
 
-class AsyncioTransactionTestCase(_AsyncioMixin, TransactionTestCase):
+class AsyncioTransactionTestCase(_QueriesMixin, _AsyncioMixin, TransactionTestCase):
     """Async tests with real commits; tables are flushed after each test.
 
     For code whose behaviour depends on commits: ``on_commit`` callbacks,
-    ``durable=True`` blocks, several tasks seeing each other's writes.
-    Example::
+    ``durable=True`` blocks, several tasks seeing each other's writes. Each
+    task uses its own pooled connection, as in production. Example::
 
         class TransferTests(AsyncioTransactionTestCase):
             async def test_commit(self):
@@ -155,7 +290,7 @@ class AsyncioTransactionTestCase(_AsyncioMixin, TransactionTestCase):
     """
 
 
-class AsyncTestCase(_AsyncioMixin, TestCase):
+class AsyncTestCase(_QueriesMixin, _AsyncioMixin, TestCase):
     """Async tests in a transaction rolled back after each test, like ``TestCase``.
 
     Async code runs on the test's connection: it sees ``setUpTestData`` rows,
@@ -183,13 +318,17 @@ class AsyncTestCase(_AsyncioMixin, TestCase):
         return _CaptureOnCommit(using, execute)
 
 
+def _unwrapped(callbacks: list[Callable[[], Any]]) -> None:
+    # Async callbacks are registered wrapped for the bridge: show the user's.
+    callbacks[:] = [getattr(cb, "__wrapped__", cb) for cb in callbacks]
+
+
 class _CaptureOnCommit:
     """``captureOnCommitCallbacks`` usable with ``with`` or ``async with``."""
 
     def __init__(self, using: str, execute: bool) -> None:
         self.using = using
         self.execute = execute
-        self.callbacks: list[Callable[[], Any]] = []
 
     def _sync(self) -> contextlib.AbstractContextManager[list[Callable[[], Any]]]:
         return TestCase.captureOnCommitCallbacks.__func__(  # type: ignore[attr-defined,no-any-return]
@@ -198,10 +337,22 @@ class _CaptureOnCommit:
 
     def __enter__(self) -> list[Callable[[], Any]]:
         self._cm = self._sync()
-        return self._cm.__enter__()
+        self._callbacks = self._cm.__enter__()
+        return self._callbacks
 
     def __exit__(self, *exc: Any) -> None:
-        self._cm.__exit__(*exc)
+        try:
+            self._cm.__exit__(*exc)
+        except SynchronousOnlyOperation as error:
+            if in_bridge() or not _loop_running():
+                raise
+            raise SynchronousOnlyOperation(
+                "An on_commit callback captured by captureOnCommitCallbacks(execute=True) "
+                "needs the database or is async: in async code use "
+                "`async with self.captureOnCommitCallbacks(...)`."
+            ) from error
+        finally:
+            _unwrapped(self._callbacks)
 
     async def __aenter__(self) -> list[Callable[[], Any]]:
         self._acm = self._acapture()
@@ -213,10 +364,21 @@ class _CaptureOnCommit:
     @contextlib.asynccontextmanager
     async def _acapture(self) -> AsyncIterator[list[Callable[[], Any]]]:
         cm = self._sync()
-        callbacks = cm.__enter__()
+        callbacks = cm.__enter__()  # no I/O: counts the registered callbacks
         try:
             yield callbacks
         finally:
-            # Django runs the callbacks in __exit__: do it through the bridge
-            # so async callbacks (and their queries) work.
-            await run_sync(cm.__exit__, None, None, None)
+            try:
+                # Django runs the callbacks in __exit__: do it through the
+                # bridge so async callbacks (and their queries) work.
+                await run_sync(cm.__exit__, None, None, None)
+            finally:
+                _unwrapped(callbacks)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True

@@ -23,7 +23,7 @@ from ..._bridge import (
     in_bridge,
     install_async_unsafe_hook,
 )
-from ..._pool import AsyncPool, discard_pool, get_pool
+from ..._pool import AsyncPool, close_soon, discard_pool, get_pool
 from ..._storage import install
 from ._psycopg import BridgeConnection
 from .creation import DatabaseCreation
@@ -87,7 +87,12 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
     def pool(self) -> Any:
         if self._loop is not None and self.alias != pg_base.NO_DB_ALIAS:
             return get_pool(self)
-        return super().pool
+        pool = super().pool
+        if pool is not None:
+            # Django's sync pool makes plain psycopg connections; a sync wrapper
+            # used from a bridge (a pinned test connection) must wait on the loop.
+            pool.connection_class = BridgeConnection
+        return pool
 
     @property
     def async_pool(self) -> AsyncPool:
@@ -97,9 +102,14 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
     def close_pool(self) -> None:
         if self._loop is None:
             super().close_pool()
-        elif (pool := discard_pool(self.alias)) is not None and in_bridge():
-            pool.close()
-
+        elif (pool := discard_pool(self.alias)) is not None:
+            if in_bridge():
+                pool.close()
+            else:
+                # Plain async code, e.g. Django's setting_changed receivers
+                # (ensure_timezone): it cannot await, but the discarded pool's
+                # connections must still be closed.
+                close_soon(pool)
 
     def ensure_connection(self) -> None:
         # Looked up at call time so that test tools replacing the base method
@@ -109,5 +119,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
 
 for _name in _ASYNC_UNSAFE:
     _original = getattr(DatabaseWrapper, _name)
-    setattr(DatabaseWrapper, _name, bridge_async_unsafe(getattr(_original, "__wrapped__", _original)))
+    setattr(
+        DatabaseWrapper, _name, bridge_async_unsafe(getattr(_original, "__wrapped__", _original))
+    )
 del _name, _original

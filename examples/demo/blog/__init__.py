@@ -1,0 +1,1 @@
+"""The demo's blog app: authors, posts, tags, comments, counters and an audit log."""

@@ -1,0 +1,19 @@
+"""URLs of the blog API."""
+
+from __future__ import annotations
+
+from django.urls import path
+
+from . import views
+
+urlpatterns = [
+    path("", views.index, name="index"),
+    path("posts/", views.posts, name="posts"),
+    path("posts/<int:pk>/", views.post_detail, name="post-detail"),
+    path("posts/<int:pk>/comments/", views.add_comment, name="add-comment"),
+    path("counter/<str:name>/", views.counter_detail, name="counter"),
+    path("counter/<str:name>/increment", views.counter_increment, name="counter-increment"),
+    path("stats/", views.stats, name="stats"),
+    path("metrics/", views.metrics, name="metrics"),
+    path("export/posts.csv", views.export_posts_csv, name="export-posts"),
+]
