@@ -9,12 +9,15 @@ and awaits the async pool underneath (:func:`~django_async_db._bridge.await_only
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 import weakref
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import psycopg_pool
 from django.core.exceptions import ImproperlyConfigured
+from psycopg_pool.pool_async import MaintenanceTask, StopWorker
 
 from ._bridge import await_only, run_sync
 from .backends.postgresql._psycopg import BridgeConnection, PooledAsyncConnection
@@ -29,6 +32,8 @@ __all__ = ["AsyncPool", "close_pools", "get_pool", "pool_stats", "terminate_pool
 DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 20, "timeout": 30.0}
 # Keys the backend sets itself; a user value would be silently ignored or break it.
 _RESERVED = frozenset({"conninfo", "kwargs", "connection_class", "open", "configure"})
+
+logger = logging.getLogger("django_async_db")
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncPool]] = (
     weakref.WeakKeyDictionary()
@@ -60,6 +65,45 @@ def pool_options(alias: str, value: object) -> dict[str, Any] | None:
     return options
 
 
+class _ConnectionPool(psycopg_pool.AsyncConnectionPool[PooledAsyncConnection]):
+    """psycopg_pool's async pool, whose maintenance workers stop when cancelled."""
+
+    @classmethod
+    async def worker(cls, q: Any) -> None:
+        """Run maintenance jobs until told to stop or cancelled.
+
+        psycopg_pool's jobs catch ``CancelledError`` (connecting, returning a
+        connection), so its worker, cancelled mid-job by ``asyncio.run()``
+        shutting the loop down, would go back to waiting for jobs and the loop
+        would never finish. A cancellation request ends the worker here.
+        """
+        task = asyncio.current_task()
+        while True:
+            job: MaintenanceTask = await q.get()
+            if isinstance(job, StopWorker):
+                return
+            try:
+                await job.run()
+            except (Exception, asyncio.CancelledError) as ex:  # like psycopg_pool's worker
+                if not (task is not None and task.cancelling()):
+                    logger.warning("Pool maintenance job %s failed: %r", job, ex)
+            if task is not None and task.cancelling():
+                raise asyncio.CancelledError
+
+    async def _connect(
+        self,
+        timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature
+    ) -> PooledAsyncConnection:
+        try:
+            return await super()._connect(timeout)
+        except asyncio.CancelledError as exc:
+            # psycopg_pool logs this exception; its traceback reaches the frame
+            # holding the half-open libpq connection, which a handler keeping
+            # log records (pytest's, an error tracker's) would leave open.
+            # Without the traceback the connection is freed, and closed, now.
+            raise exc.with_traceback(None) from None
+
+
 class AsyncPool:
     """The connections of one alias on one event loop, pooled or not."""
 
@@ -79,7 +123,7 @@ class AsyncPool:
         self._params = params
         self._configure_view: Callable[[BridgeConnection], object] = wrapper._configure_connection
         self.options = options
-        self._pool: psycopg_pool.AsyncConnectionPool[PooledAsyncConnection] | None = None
+        self._pool: _ConnectionPool | None = None
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
@@ -87,7 +131,7 @@ class AsyncPool:
             if check is None and wrapper.settings_dict.get("CONN_HEALTH_CHECKS"):
                 check = psycopg_pool.AsyncConnectionPool.check_connection
             try:
-                self._pool = psycopg_pool.AsyncConnectionPool(
+                self._pool = _ConnectionPool(
                     kwargs=params,
                     connection_class=PooledAsyncConnection,
                     open=False,
@@ -208,16 +252,25 @@ def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:
         terminate()
         original_close()
 
-    try:
+    # Loops without instance attributes (uvloop) rely on the finalizer alone.
+    with contextlib.suppress(AttributeError, TypeError):
         loop.close = close  # type: ignore[method-assign]
-    except (AttributeError, TypeError):  # loops without instance attributes (uvloop)
-        pass
 
 
 def discard_pool(alias: str) -> AsyncPool | None:
     """Forget the running loop's pool for ``alias`` (the caller closes it)."""
     per_loop = _pools.get(asyncio.get_running_loop())
     return per_loop.pop(alias, None) if per_loop else None
+
+
+_closing: set[asyncio.Task[None]] = set()
+
+
+def close_soon(pool: AsyncPool) -> None:
+    """Close a discarded pool in a task of the running loop (from code that cannot await)."""
+    task = asyncio.get_running_loop().create_task(pool.aclose())
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
 
 
 async def close_pools() -> None:
@@ -229,7 +282,7 @@ async def close_pools() -> None:
 
 def terminate_pools(alias: str) -> None:
     """Close every connection of ``alias``'s pools on every loop, without I/O on them."""
-    for loop, per_loop in list(_pools.items()):
+    for per_loop in list(_pools.values()):
         pool = per_loop.pop(alias, None)
         if pool is not None:
             pool.terminate()

@@ -28,7 +28,7 @@ from psycopg.adapt import AdaptersMap
 from ..._bridge import await_only, in_bridge
 
 if TYPE_CHECKING:
-    from psycopg.abc import PQGen, RV
+    from psycopg.abc import RV, PQGen
 
 logger = logging.getLogger("django_async_db")
 
@@ -109,7 +109,12 @@ class BridgeConnection(psycopg.Connection[Any]):
             return await_only(self._await_gen(gen, interval, timeout))
         return super().wait(gen, interval, timeout)
 
-    async def _await_gen(self, gen: PQGen[RV], interval: float, timeout: float | None) -> RV:
+    async def _await_gen(
+        self,
+        gen: PQGen[RV],
+        interval: float,
+        timeout: float | None,  # noqa: ASYNC109 - psycopg's wait() arguments
+    ) -> RV:
         # psycopg's AsyncConnection.wait(), for a sync connection object: on
         # cancellation, cancel the query on the server and drain the result,
         # so the connection is left usable (INERROR / IDLE, never ACTIVE).
@@ -121,10 +126,12 @@ class BridgeConnection(psycopg.Connection[Any]):
             if self.pgconn.transaction_status == _ACTIVE:
                 try:
                     await self._acancel(timeout=5.0)
-                    await waiting.wait_async(gen, self.pgconn.socket, interval=interval, timeout=5.0)
+                    await waiting.wait_async(
+                        gen, self.pgconn.socket, interval=interval, timeout=5.0
+                    )
                 except e.QueryCanceled:
                     pass  # as expected
-                except BaseException as ex:  # noqa: BLE001
+                except BaseException as ex:
                     # Not terminated, or interrupted again: the connection is
                     # in an unknown state and must not be reused.
                     logger.warning(
@@ -135,12 +142,12 @@ class BridgeConnection(psycopg.Connection[Any]):
                         raise
             raise
 
-    async def _acancel(self, timeout: float) -> None:
+    async def _acancel(self, timeout: float) -> None:  # noqa: ASYNC109 - psycopg's signature
         if not self._should_cancel():
             return
         try:
             await waiting.wait_conn_async(self._cancel_gen(), interval=0.1, timeout=timeout)
-        except Exception as ex:  # noqa: BLE001 - a failed cancel is logged, not raised
+        except Exception as ex:  # a failed cancel is logged, not raised
             logger.warning("query cancellation failed: %s", ex)
 
 
