@@ -36,6 +36,9 @@ CONTENDERS = {
     "ours_run_sync": "django-async-db: await run_sync(lambda: get())",
     "ours_aget": "django-async-db: await aget()",
     "django_aget": "Django's aget() (stock backend, thread hop)",
+    # One request per lookup: a connection checked out of the pool and given back each time.
+    "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
+    "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
 }
 BASELINE = "django_sync"
 
@@ -59,13 +62,19 @@ def _conninfo(dbname: str | None = None) -> str:
     )
 
 
-def _setup_django(ours: bool) -> Any:
+def _setup_django(ours: bool, pooled: bool = False) -> Any:
     import django
     from django.conf import settings
 
     engine = "django_async_db.backends.postgresql" if ours else "django.db.backends.postgresql"
     settings.configure(
-        DATABASES={"default": {"ENGINE": engine, **_db(), "OPTIONS": {}}},
+        DATABASES={
+            "default": {
+                "ENGINE": engine,
+                **_db(),
+                "OPTIONS": {"pool": {"min_size": 1, "max_size": 4}} if pooled else {},
+            }
+        },
         INSTALLED_APPS=["django_async_db", "bench_app"] if ours else ["bench_app"],
         USE_TZ=True,
         DEFAULT_AUTO_FIELD="django.db.models.BigAutoField",
@@ -102,7 +111,14 @@ def run(mode: str, n: int) -> None:
 
         asyncio.run(raw())
         return
-    author = _setup_django(ours=mode.startswith("ours"))
+    author = _setup_django(ours=mode.startswith("ours"), pooled=mode == "django_sync_pool_request")
+    if mode == "django_sync_pool_request":
+        from django.db import close_old_connections
+
+        for _ in range(WARMUP + n):
+            author.objects.get(pk=pk)
+            close_old_connections()  # request_finished: the connection goes back to the pool
+        return
     if mode == "django_sync":
         for _ in range(WARMUP + n):
             author.objects.get(pk=pk)
@@ -114,6 +130,16 @@ def run(mode: str, n: int) -> None:
 
             for _ in range(WARMUP + n):
                 await run_sync(lambda: author.objects.get(pk=pk))
+            await async_connections.close_all()
+        elif mode == "ours_aget_task":
+            from django_async_db import async_connections
+
+            async def request() -> None:
+                await author.objects.aget(pk=pk)
+
+            for _ in range(WARMUP + n):
+                await asyncio.create_task(request())
+            await asyncio.sleep(0.01)  # let the last release task finish
             await async_connections.close_all()
         else:  # ours_aget, django_aget
             for _ in range(WARMUP + n):

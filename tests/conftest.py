@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
@@ -84,3 +85,60 @@ def thread_probe() -> Iterator[Callable[[], set[int]]]:
             if probe in conn.execute_wrappers:
                 conn.execute_wrappers.remove(probe)
 
+
+
+@pytest.fixture
+def read_only_db(django_db_blocker: Any) -> Iterator[None]:
+    """Allow database access to a test that writes nothing (so nothing to flush)."""
+    with django_db_blocker.unblock():
+        yield
+
+
+@pytest.fixture
+async def db_options() -> AsyncIterator[dict[str, Any]]:
+    """Change the default alias's settings (``OPTIONS`` and top level) for one test.
+
+    Yields the alias's ``OPTIONS`` dict; everything is restored afterwards and
+    the pools are rebuilt on both sides of the test.
+    """
+    settings_dict = connections.settings["default"]
+    saved_settings, saved_options = dict(settings_dict), dict(settings_dict["OPTIONS"])
+    await async_connections.close_all()
+    yield settings_dict["OPTIONS"]
+    settings_dict["OPTIONS"].clear()
+    settings_dict["OPTIONS"].update(saved_options)
+    options = settings_dict["OPTIONS"]
+    settings_dict.clear()
+    settings_dict.update(saved_settings)
+    settings_dict["OPTIONS"] = options
+    await async_connections.close_all()
+
+
+@pytest.fixture
+def pool_option(db_options: dict[str, Any]) -> Callable[[Any], None]:
+    """Set ``OPTIONS["pool"]`` of the default alias for one test, on fresh pools."""
+
+    def set_pool(value: Any) -> None:
+        db_options["pool"] = value
+
+    return set_pool
+
+
+async def observer() -> psycopg.AsyncConnection[Any]:
+    """Open a connection outside the package, to watch the server (on the ``postgres`` db)."""
+    params = connections["default"].get_connection_params()
+    return await psycopg.AsyncConnection.connect(
+        dbname="postgres",
+        **{k: params[k] for k in ("user", "password", "host", "port") if k in params},
+        autocommit=True,
+    )
+
+
+async def wait_until(predicate: Callable[[], Any], seconds: float = 3.0) -> bool:
+    """Poll ``await predicate()`` until it is true; return False after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not await predicate():
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.02)
+    return True

@@ -20,19 +20,6 @@ pytestmark = pytest.mark.django_db(transaction=True, available_apps=APPS)
 IDLE = pq.TransactionStatus.IDLE
 
 
-@pytest.fixture
-async def pool_option():
-    """Set ``OPTIONS["pool"]`` of the default alias for one test, on fresh pools."""
-    options = connections.settings["default"]["OPTIONS"]
-    saved = options["pool"]
-    await async_connections.close_all()
-
-    def set_pool(value):
-        options["pool"] = value
-
-    yield set_pool
-    options["pool"] = saved
-    await async_connections.close_all()
 
 
 async def backend_pid() -> int:

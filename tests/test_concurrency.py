@@ -7,7 +7,7 @@ import threading
 import time
 
 import pytest
-from django.db import connection, connections
+from django.db import connection
 
 from django_async_db import async_atomic, async_connections, pool_stats, run_sync
 from tests.testapp.models import Author, Event
@@ -25,19 +25,6 @@ class Boom(Exception):
     """Raised inside a block to roll it back."""
 
 
-@pytest.fixture
-async def pool_option():
-    """Set ``OPTIONS["pool"]`` of the default alias for one test, on fresh pools."""
-    options = connections.settings["default"]["OPTIONS"]
-    saved = options["pool"]
-    await async_connections.close_all()
-
-    def set_pool(value):
-        options["pool"] = value
-
-    yield set_pool
-    options["pool"] = saved
-    await async_connections.close_all()
 
 
 async def txid() -> tuple[int, int]:

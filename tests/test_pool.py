@@ -12,6 +12,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import OperationalError, connections
 
 from django_async_db import PoolTimeout, async_connections, pool_stats
+from tests.conftest import observer, wait_until
 from tests.testapp.models import Author
 
 # These tests only read: they use the database without a flush afterwards.
@@ -25,29 +26,6 @@ def read_only_db(django_db_blocker):
         yield
 
 
-@pytest.fixture
-async def pool_option():
-    """Set ``OPTIONS["pool"]`` of the default alias for one test, on fresh pools."""
-    options = connections.settings["default"]["OPTIONS"]
-    saved = options["pool"]
-    await async_connections.close_all()
-
-    def set_pool(value):
-        options["pool"] = value
-
-    yield set_pool
-    options["pool"] = saved
-    await async_connections.close_all()
-
-
-async def observer() -> psycopg.AsyncConnection:
-    """Open a connection outside the package, to watch the server (on the ``postgres`` db)."""
-    params = connections["default"].get_connection_params()
-    return await psycopg.AsyncConnection.connect(
-        dbname="postgres",
-        **{k: params[k] for k in ("user", "password", "host", "port") if k in params},
-        autocommit=True,
-    )
 
 
 async def session_pids(watch: psycopg.AsyncConnection) -> set[int]:
@@ -63,16 +41,6 @@ async def backend_pid() -> int:
     async with async_connections["default"].cursor() as cur:
         await cur.execute("SELECT pg_backend_pid()")
         return (await cur.fetchone())[0]
-
-
-async def wait_until(predicate, seconds: float = 3.0) -> bool:
-    """Poll ``await predicate()`` until it is true; return False after ``seconds``."""
-    deadline = time.monotonic() + seconds
-    while not await predicate():
-        if time.monotonic() > deadline:
-            return False
-        await asyncio.sleep(0.02)
-    return True
 
 
 async def test_thousand_short_tasks_use_at_most_max_size_sessions(pool_option):

@@ -1,9 +1,8 @@
-import asyncio
 import threading
 
 import pytest
 
-from django_async_db import async_atomic, async_connections, run_sync
+from django_async_db import async_connections
 from tests.testapp.models import Author
 
 pytestmark = pytest.mark.django_db(transaction=True)

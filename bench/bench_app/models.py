@@ -11,3 +11,12 @@ class Author(models.Model):
 
     class Meta:
         app_label = "bench_app"
+
+
+class Book(models.Model):
+    author = models.ForeignKey(Author, on_delete=models.CASCADE, related_name="books")
+    title = models.CharField(max_length=200)
+    pages = models.IntegerField()
+
+    class Meta:
+        app_label = "bench_app"

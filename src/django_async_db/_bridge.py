@@ -17,6 +17,7 @@ blocking non-database calls inside a bridge block the loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
 import os
 from collections.abc import Awaitable, Callable, Coroutine
@@ -95,15 +96,31 @@ async def run_sync(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> 
         n = await run_sync(Book.objects.filter(author=author).count)
     """
     glet = _BridgeGreenlet(fn, getcurrent())
-    result = glet.switch(*args, **kwargs)
-    while not glet.dead:
-        try:
-            value = await result
-        except BaseException as exc:  # every exception goes back into fn
-            result = glet.throw(exc)
-        else:
-            result = glet.switch(value)
+    depth = _depth.get()
+    token = _depth.set(depth + 1)
+    try:
+        result = glet.switch(*args, **kwargs)
+        while not glet.dead:
+            try:
+                value = await result
+            except BaseException as exc:  # every exception goes back into fn
+                result = glet.throw(exc)
+            else:
+                result = glet.switch(value)
+    finally:
+        _depth.reset(token)
+        if depth == 0 and after_outermost_call is not None:
+            await after_outermost_call()
     return cast(T, result)
+
+
+# How many run_sync() calls of this task are in progress (they nest when a
+# bridge awaits async code that bridges again, e.g. signal receivers).
+_depth: contextvars.ContextVar[int] = contextvars.ContextVar("django_async_db_depth", default=0)
+
+#: Set by the connection storage when an alias releases idle connections:
+#: awaited after each outermost :func:`run_sync` of a task.
+after_outermost_call: Callable[[], Awaitable[None]] | None = None
 
 
 #: Set by the connection storage: ``share_connections(child_task, parent_task)``
@@ -141,6 +158,8 @@ async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kw
             else:
                 result = glet.switch(value)
             break
+    if _depth.get() == 0 and after_outermost_call is not None:
+        await after_outermost_call()  # e.g. a commit just made the connection idle
     if cancelled is not None:
         raise cancelled
     return cast(T, result)

@@ -12,6 +12,20 @@ cannot work inside a bridge (the loop runs in this thread); the dispatcher's
 ``async_to_sync`` is re-pointed to await them through the bridge instead, and
 inside an atomic block on this ENGINE async receivers run one after another
 in the sending task, so they share its transaction.
+
+Any other sync code calling ``async_to_sync(fn)(...)`` inside a bridge (a
+Channels ``group_send`` in a ``post_save`` receiver ...) would get asgiref's
+"You cannot use AsyncToSync in the same thread as an async event loop": inside
+a bridge, ``AsyncToSync.__call__`` awaits ``fn(...)`` in the calling task
+instead (same connection and transaction), and keeps asgiref's behaviour
+everywhere else.
+
+Streaming: ``aiterator()`` reads through a server-side cursor, one bridge call
+per chunk, like ``iterator()``. Django's version never closes that cursor when
+the loop stops early; here the cursor is closed on the loop whenever the
+iteration ends: exhausted, ``aclose()``-d (``contextlib.aclosing``), failed,
+or abandoned (``break``: the event loop's async-generator finalizer closes it
+soon after).
 """
 
 from __future__ import annotations
@@ -19,19 +33,24 @@ from __future__ import annotations
 import asyncio
 import functools
 import importlib
+import logging
 import types
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Iterator
+from itertools import islice
 from typing import Any
 
+import psycopg
 from asgiref import sync as asgiref_sync
 from django.core.signals import setting_changed
-from django.db import DEFAULT_DB_ALIAS, connections, router
+from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
 
-from ._bridge import await_only, in_bridge, run_sync
+from ._bridge import await_only, in_bridge, run_sync, run_sync_shielded
 
 __all__ = ["bridged_async_to_sync", "bridged_sync_to_async", "install", "uses_bridge"]
 
 ENGINE = "django_async_db.backends.postgresql"
+
+logger = logging.getLogger("django_async_db")
 
 # Modules whose ``sync_to_async`` global wraps database work.
 _SYNC_TO_ASYNC_MODULES = (
@@ -145,10 +164,23 @@ def bridged_async_to_sync(
     return inner
 
 
+def _bridge_aware_call(original: Callable[..., Any]) -> Callable[..., Any]:
+    """Wrap ``AsyncToSync.__call__``: inside a bridge, await the coroutine in this task."""
+
+    @functools.wraps(original)
+    def __call__(self: asgiref_sync.AsyncToSync[Any, Any], *args: Any, **kwargs: Any) -> Any:
+        if in_bridge():
+            return await_only(self.awaitable(*args, **kwargs))
+        return original(self, *args, **kwargs)
+
+    __call__.__wrapped__ = original  # type: ignore[attr-defined]
+    return __call__
+
+
 def _in_our_atomic_block() -> bool:
     from .backends.postgresql.base import DatabaseWrapper
 
-    storage = connections._connections
+    storage = connections._connections  # type: ignore[attr-defined]
     for alias in connections:
         wrapper = getattr(storage, alias, None)
         if isinstance(wrapper, DatabaseWrapper) and wrapper.in_atomic_block:
@@ -215,6 +247,155 @@ class _SequentialGatherAsyncio(types.ModuleType):
         return await asyncio.gather(*aws, return_exceptions=return_exceptions)
 
 
+class _Read:
+    """One streamed read: Django's sync results generator and the server-side cursor it opens."""
+
+    __slots__ = ("cursor", "iterable", "owner", "prefetch", "rows", "size", "started", "wrapper")
+
+    def __init__(self, iterable: Any, prefetch: tuple[Any, ...]) -> None:
+        self.owner = asyncio.current_task()
+        self.wrapper = connections[iterable.queryset.db]  # the reading task's connection
+        self.iterable = iterable
+        self.size: int = iterable.chunk_size
+        self.prefetch = prefetch
+        self.rows: Iterator[Any] = iter(())
+        self.cursor: Any = None
+        self.started = False
+
+    def next_chunk(self) -> list[Any]:
+        """Return the next ``size`` results with their prefetches done (sync, in the bridge)."""
+        from django.db.models import prefetch_related_objects
+
+        if self.started:
+            chunk = list(islice(self.rows, self.size))
+        else:
+            self.started = True
+            with self.wrapper.execute_wrapper(self._capture_cursor):
+                # Some iterables run the query in __iter__ itself (values_list()).
+                self.rows = iter(self.iterable)
+                chunk = list(islice(self.rows, self.size))
+        if self.prefetch and chunk:
+            prefetch_related_objects(chunk, *self.prefetch)
+        return chunk
+
+    def _capture_cursor(
+        self, execute: Callable[..., Any], sql: str, params: Any, many: bool, context: Any
+    ) -> Any:
+        cursor = context["cursor"]
+        if self.cursor is None and getattr(cursor.cursor, "name", None):
+            self.cursor = cursor  # the named (server-side) cursor DECLAREd for this read
+        return execute(sql, params, many, context)
+
+    async def close(self) -> None:
+        """Close the server-side cursor on the loop, then let go of the results iterator.
+
+        Runs however the read ends: exhausted, ``aclose()``-d, failed or
+        cancelled in the reading task, or abandoned (``break``), in the task
+        the loop's async-generator finalizer starts. Shielded, so a cancelled
+        task still closes its cursor.
+        """
+        cursor = self.cursor
+        if cursor is not None and not cursor.closed:
+            try:
+                await run_sync_shielded(self._close_cursor, cursor)
+            except (DatabaseError, psycopg.Error) as exc:
+                # The connection broke: the cursor went with the session.
+                logger.warning("Closing server-side cursor %r failed: %s", cursor.name, exc)
+        if self.started:
+            # Finalizing Django's iterators closes the cursor again, which takes
+            # the connection lock: do it in the bridge, where waiting is an await.
+            await run_sync_shielded(self._drop_rows)
+
+    def _close_cursor(self, cursor: Any) -> None:
+        with cursor.connection.lock:  # wait for the reading task's own I/O on it
+            ours = self._connection_still_ours(cursor)
+        # No switch to the loop between the check and the CLOSE: the check holds.
+        if ours:
+            cursor.close()
+        else:
+            # The reading task has ended: its connection is being (or has been)
+            # given back to the pool, and may be another task's by now. No I/O
+            # on it; giving a connection back closes its held cursors.
+            cursor.cursor._close()  # psycopg's non-blocking half of close()
+
+    def _drop_rows(self) -> None:
+        rows, self.rows = self.rows, iter(())
+        close = getattr(rows, "close", None)  # a generator, or map()/chain() of one
+        if close is not None:
+            close()
+        del rows  # the last reference: nested generators are finalized here, in the bridge
+
+    def _connection_still_ours(self, cursor: Any) -> bool:
+        """Return True if the cursor's connection is still held for the reading task."""
+        if self.wrapper.connection is not cursor.connection:
+            return False  # given back already
+        if self.owner is None or asyncio.current_task() is self.owner or not self.owner.done():
+            return True
+        # The reading task has ended: its task-owned connection is being given back
+        # by another task; a pinned one (test support) stays.
+        storage = connections._connections  # type: ignore[attr-defined]
+        pinned = getattr(storage, "pinned", None)
+        return pinned is not None and pinned(self.wrapper.alias) is self.wrapper
+
+
+async def _stream(
+    make_iterable: Callable[[], Any], prefetch: tuple[Any, ...]
+) -> AsyncIterator[Any]:
+    """Yield the iterable's results, reading a chunk per bridge call; always close the cursor."""
+    read = _Read(make_iterable(), prefetch)
+    try:
+        while True:
+            chunk = await run_sync(read.next_chunk)
+            for item in chunk:
+                yield item
+            if len(chunk) < read.size:
+                return
+    finally:
+        await read.close()
+
+
+def _bridged_async_generator(self: Any) -> AsyncIterator[Any]:
+    """``BaseIterable._async_generator`` that closes its cursor however iteration ends."""
+    if uses_bridge(self.__iter__):
+        return _stream(lambda: self, ())
+    return _stock_async_generator(self)
+
+
+def _chunked_iterable(queryset: Any, chunk_size: int) -> Any:
+    """Return the iterable Django's ``aiterator()`` reads (same checks, same cursor choice)."""
+    if chunk_size <= 0:
+        raise ValueError("Chunk size must be strictly positive.")
+    use_chunked_fetch = not connections[queryset.db].settings_dict.get(
+        "DISABLE_SERVER_SIDE_CURSORS"
+    )
+    return queryset._iterable_class(
+        queryset, chunked_fetch=use_chunked_fetch, chunk_size=chunk_size
+    )
+
+
+def aiterator(self: Any, chunk_size: int = 2000) -> AsyncIterator[Any]:
+    """Stream the results through a server-side cursor, ``chunk_size`` rows per fetch.
+
+    Django's ``QuerySet.aiterator()``, run in the task through the bridge and
+    with its cursor closed however the loop ends. ``contextlib.aclosing``
+    closes it at a known point::
+
+        async with aclosing(Book.objects.aiterator(chunk_size=500)) as books:
+            async for book in books:
+                if book.pages > 300:
+                    break                     # the cursor is closed here
+    """
+    if uses_bridge(self):
+        return _stream(
+            functools.partial(_chunked_iterable, self, chunk_size),
+            tuple(self._prefetch_related_lookups),
+        )
+    return _stock_aiterator(self, chunk_size)
+
+
+_stock_async_generator: Callable[[Any], AsyncIterator[Any]]
+_stock_aiterator: Callable[[Any, int], AsyncIterator[Any]]
+
 _installed = False
 
 
@@ -234,10 +415,20 @@ def install() -> None:
         module = importlib.import_module(name)
         if getattr(module, "sync_to_async", None) is asgiref_sync.sync_to_async:
             module.sync_to_async = bridged_sync_to_async  # type: ignore[attr-defined]
+    asgiref_sync.AsyncToSync.__call__ = _bridge_aware_call(  # type: ignore[method-assign]
+        asgiref_sync.AsyncToSync.__call__
+    )
+    global _stock_async_generator, _stock_aiterator
+    query = importlib.import_module("django.db.models.query")
+    _stock_async_generator = query.BaseIterable._async_generator
+    _stock_aiterator = query.QuerySet.aiterator
+    query.BaseIterable._async_generator = _bridged_async_generator
+    aiterator.__qualname__ = "QuerySet.aiterator"
+    query.QuerySet.aiterator = aiterator
     dispatcher = importlib.import_module("django.dispatch.dispatcher")
     dispatcher.async_to_sync = bridged_async_to_sync  # type: ignore[attr-defined]
     if hasattr(dispatcher, "_run_parallel"):
-        dispatcher._run_parallel = _in_task_when_atomic(dispatcher._run_parallel)
+        dispatcher._run_parallel = _in_task_when_atomic(dispatcher._run_parallel)  # type: ignore[attr-defined]
     else:
         dispatcher.asyncio = _SequentialGatherAsyncio("asyncio")  # type: ignore[attr-defined]
     setting_changed.connect(_forget_aliases, dispatch_uid="django_async_db._orm")

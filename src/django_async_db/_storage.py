@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-import weakref
+from asyncio import current_task
 from typing import Any
 
 from django.db import connections
@@ -42,19 +42,20 @@ class TaskLocal:
 
     def __init__(self) -> None:
         object.__setattr__(self, "_thread", threading.local())
-        object.__setattr__(self, "_tasks", weakref.WeakKeyDictionary())
+        # Plain dict: entries leave in the task's done-callback (faster than
+        # a WeakKeyDictionary, which builds a weakref on every lookup).
+        object.__setattr__(self, "_tasks", {})
         object.__setattr__(self, "_pins", {})
 
     def _namespace(self, create: bool) -> tuple[Any, bool]:
         """Return (namespace, owned by a task) for the caller."""
         try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
+            task = current_task()
+        except RuntimeError:  # no running loop
             return self._thread, False
-        task = asyncio.current_task(loop)
         if task is None:
             return self._thread, False
-        tasks: weakref.WeakKeyDictionary[asyncio.Task[Any], _Namespace] = self._tasks
+        tasks: dict[asyncio.Task[Any], _Namespace] = self._tasks
         ns = tasks.get(task)
         if ns is None:
             ns = _Namespace()
@@ -126,6 +127,31 @@ class TaskLocal:
 
 
 _releases: set[asyncio.Task[None]] = set()
+
+
+async def release_idle() -> None:
+    """Give back this task's idle connections on aliases with ``OPTIONS["release"] = "idle"``.
+
+    Idle: connected, outside any atomic block. Awaited after each outermost
+    bridge call, so a connection is held only for one call or one transaction
+    (what PgBouncer's transaction pooling needs).
+    """
+    storage = connections._connections
+    if not isinstance(storage, TaskLocal):
+        return
+    ns, in_task = storage._namespace(create=False)
+    if not in_task:
+        return
+    for wrapper in list(vars(ns).values()):
+        if (
+            getattr(wrapper, "release_idle", False)
+            and wrapper.connection is not None
+            and not wrapper.in_atomic_block
+        ):
+            try:
+                await _bridge.run_sync_shielded(wrapper.close)
+            except Exception:  # the call's own outcome matters more than the release's
+                logger.exception("Releasing the connection of alias %r failed.", wrapper.alias)
 
 
 async def _release(wrappers: list[Any]) -> None:

@@ -67,13 +67,7 @@ class AsyncCursor:
         self._wrapper = wrapper
         self._cursor: Any = None
 
-    async def _open(self) -> Any:
-        if self._cursor is None:
-            self._cursor = await run_sync(self._wrapper.cursor)
-        return self._cursor
-
     async def __aenter__(self) -> AsyncCursor:
-        await self._open()
         return self
 
     async def __aexit__(
@@ -84,15 +78,21 @@ class AsyncCursor:
     ) -> None:
         await self.close()
 
+    def _run(self, method: str, *args: Any) -> None:
+        cursor = self._cursor
+        if cursor is None or cursor.cursor.connection is not self._wrapper.connection:
+            # First use, or the connection went back to the pool since the last
+            # statement (OPTIONS["release"] = "idle"): use the current one.
+            cursor = self._cursor = self._wrapper.cursor()
+        getattr(cursor, method)(*args)
+
     async def execute(self, sql: str, params: Sequence[Any] | dict[str, Any] | None = None) -> None:
         """Execute one statement; parameters are passed separately, never formatted in."""
-        cursor = await self._open()
-        await run_sync(cursor.execute, sql, params)
+        await run_sync(self._run, "execute", sql, params)
 
     async def executemany(self, sql: str, param_list: Sequence[Any]) -> None:
         """Execute ``sql`` once for each parameter set."""
-        cursor = await self._open()
-        await run_sync(cursor.executemany, sql, param_list)
+        await run_sync(self._run, "executemany", sql, param_list)
 
     # Client-side cursors hold the whole result: fetching does no I/O.
     async def fetchone(self) -> tuple[Any, ...] | None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from django.db import models
 
+from django_async_db.models import AsyncModelMixin
+
 
 class Author(models.Model):
     name = models.CharField(max_length=100)
@@ -41,3 +43,26 @@ class Event(models.Model):
     task = models.IntegerField()
     label = models.CharField(max_length=50)
     txid = models.BigIntegerField(null=True)
+
+
+class Chapter(AsyncModelMixin, models.Model):
+    """Awaitable relations: ``await chapter.abook``, ``chapter.acites.aadd(...)``.
+
+    ``book`` is nullable, so ``book.chapters`` also has ``remove()``/``clear()``.
+    """
+
+    title = models.CharField(max_length=100)
+    book = models.ForeignKey(
+        Book, null=True, blank=True, related_name="chapters", on_delete=models.SET_NULL
+    )
+    cites = models.ManyToManyField(Book, related_name="cited_in", blank=True)
+
+
+class ChapterNote(AsyncModelMixin, models.Model):
+    """Reverse FK ``chapter.anotes``; one-to-one ``note.aprevious``, reverse ``note.afollower``."""
+
+    chapter = models.ForeignKey(Chapter, related_name="notes", on_delete=models.CASCADE)
+    text = models.TextField(default="")
+    previous = models.OneToOneField(
+        "self", null=True, blank=True, related_name="follower", on_delete=models.SET_NULL
+    )

@@ -32,16 +32,7 @@ def read_only_db(django_db_blocker):
         yield
 
 
-@pytest.fixture
-async def db_options():
-    """Change the default alias's OPTIONS for one test, on fresh pools."""
-    options = connections.settings["default"]["OPTIONS"]
-    saved = dict(options)
-    await async_connections.close_all()
-    yield options
-    options.clear()
-    options.update(saved)
-    await async_connections.close_all()
+
 
 
 async def test_is_djangos_postgresql_backend():

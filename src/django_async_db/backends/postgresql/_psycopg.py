@@ -15,6 +15,7 @@ connection, the async object while it sits in the pool (checks, resets).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 from collections import deque
@@ -33,6 +34,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("django_async_db")
 
 _ACTIVE = pq.TransactionStatus.ACTIVE
+_WAIT_R, _WAIT_W = waiting.WAIT_R, waiting.WAIT_W
+_READY_R, _READY_W = waiting.READY_R, waiting.READY_W
+
+
+def _ready(fut: asyncio.Future[int], state: int) -> None:
+    if not fut.done():
+        fut.set_result(state)
+
+
 _INTERRUPTED = (asyncio.CancelledError, KeyboardInterrupt, SystemExit)
 
 
@@ -43,6 +53,8 @@ class BridgeLock:
     the whole loop thread when another greenlet (another task sharing the
     connection, as tests do) tries to take it. Inside a bridge, a contended
     acquire waits on the loop instead; elsewhere it blocks like a plain lock.
+    Waiters get the lock in order: ``release()`` hands it over, still held, so
+    a greenlet that queries back to back cannot starve them.
     """
 
     __slots__ = ("_lock", "_waiters")
@@ -52,30 +64,33 @@ class BridgeLock:
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
-        if self._lock.acquire(False):
+        if not self._waiters and self._lock.acquire(False):
             return True
         if not blocking:
             return False
         if in_bridge():
-            loop = asyncio.get_running_loop()
-            while not self._lock.acquire(False):
-                fut = loop.create_future()
-                self._waiters.append(fut)
-                try:
-                    await_only(fut)
-                finally:
-                    if not fut.done():
-                        fut.cancel()
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await_only(fut)  # resolved by _hand_over(): the lock is ours
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self.release()  # handed over, but interrupted: pass it on
+                else:
+                    fut.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._waiters.remove(fut)
+                raise
             return True
         return self._lock.acquire(True, timeout)
 
     def release(self) -> None:
-        self._lock.release()
         while self._waiters:
             fut = self._waiters.popleft()
             if not fut.done():
-                fut.get_loop().call_soon_threadsafe(_wake, fut)
-                break
+                fut.get_loop().call_soon_threadsafe(_hand_over, self, fut)
+                return  # still locked: it now belongs to that waiter
+        self._lock.release()
 
     def locked(self) -> bool:
         return self._lock.locked()
@@ -87,8 +102,10 @@ class BridgeLock:
         self.release()
 
 
-def _wake(fut: asyncio.Future[None]) -> None:
-    if not fut.done():
+def _hand_over(lock: BridgeLock, fut: asyncio.Future[None]) -> None:
+    if fut.done():  # the waiter was cancelled meanwhile: next one, or unlock
+        lock.release()
+    else:
         fut.set_result(None)
 
 
@@ -105,9 +122,39 @@ class BridgeConnection(psycopg.Connection[Any]):
         interval: float = 0.1,
         timeout: float | None = None,
     ) -> RV:
-        if in_bridge():
+        if not in_bridge():
+            return super().wait(gen, interval, timeout)
+        if timeout is not None:
             return await_only(self._await_gen(gen, interval, timeout))
-        return super().wait(gen, interval, timeout)
+        # The hot path: step the generator here, in the greenlet, and let the
+        # driving coroutine await a bare future resolved by the loop's fd
+        # callbacks (no coroutine, timer or task per wait).
+        fileno = self.pgconn.socket
+        loop = asyncio.get_running_loop()
+        try:
+            state = next(gen)
+            while True:
+                fut: asyncio.Future[int] = loop.create_future()
+                reader, writer = state & _WAIT_R, state & _WAIT_W
+                if reader:
+                    loop.add_reader(fileno, _ready, fut, _READY_R)
+                if writer:
+                    loop.add_writer(fileno, _ready, fut, _READY_W)
+                try:
+                    ready = await_only(fut)
+                except _INTERRUPTED:
+                    await_only(self._cancel_and_drain(gen, interval))
+                    raise
+                finally:
+                    if reader:
+                        loop.remove_reader(fileno)
+                    if writer:
+                        loop.remove_writer(fileno)
+                state = gen.send(ready)
+        except StopIteration as ex:
+            return ex.value  # type: ignore[no-any-return]
+        except OSError as ex:
+            raise e.OperationalError("connection socket closed") from ex
 
     async def _await_gen(
         self,
@@ -115,32 +162,35 @@ class BridgeConnection(psycopg.Connection[Any]):
         interval: float,
         timeout: float | None,  # noqa: ASYNC109 - psycopg's wait() arguments
     ) -> RV:
-        # psycopg's AsyncConnection.wait(), for a sync connection object: on
-        # cancellation, cancel the query on the server and drain the result,
-        # so the connection is left usable (INERROR / IDLE, never ACTIVE).
+        # psycopg's AsyncConnection.wait(), for a sync connection object.
         try:
             return await waiting.wait_async(
                 gen, self.pgconn.socket, interval=interval, timeout=timeout
             )
         except _INTERRUPTED:
-            if self.pgconn.transaction_status == _ACTIVE:
-                try:
-                    await self._acancel(timeout=5.0)
-                    await waiting.wait_async(
-                        gen, self.pgconn.socket, interval=interval, timeout=5.0
-                    )
-                except e.QueryCanceled:
-                    pass  # as expected
-                except BaseException as ex:
-                    # Not terminated, or interrupted again: the connection is
-                    # in an unknown state and must not be reused.
-                    logger.warning(
-                        "query cancellation failed (%s): closing connection", type(ex).__name__
-                    )
-                    self.pgconn.finish()
-                    if not isinstance(ex, Exception):
-                        raise
+            await self._cancel_and_drain(gen, interval)
             raise
+
+    async def _cancel_and_drain(self, gen: PQGen[Any], interval: float) -> None:
+        """After an interrupted wait: cancel the query on the server and drain its result.
+
+        The connection is left usable (INERROR / IDLE, never ACTIVE); if that
+        fails it is closed, never reused.
+        """
+        if self.pgconn.transaction_status != _ACTIVE:
+            return
+        try:
+            await self._acancel(timeout=5.0)
+            await waiting.wait_async(gen, self.pgconn.socket, interval=interval, timeout=5.0)
+        except e.QueryCanceled:
+            pass  # as expected
+        except BaseException as ex:
+            # Not terminated, or interrupted again: the connection is in an
+            # unknown state and must not be reused.
+            logger.warning("query cancellation failed (%s): closing connection", type(ex).__name__)
+            self.pgconn.finish()
+            if not isinstance(ex, Exception):
+                raise
 
     async def _acancel(self, timeout: float) -> None:  # noqa: ASYNC109 - psycopg's signature
         if not self._should_cancel():

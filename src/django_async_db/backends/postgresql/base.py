@@ -14,8 +14,10 @@ import types
 from typing import Any
 
 import psycopg
+from django.core.exceptions import ImproperlyConfigured
 from django.db.backends.base.base import BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg_base
+from psycopg import pq
 
 from ..._bridge import (
     bridge_async_unsafe,
@@ -24,7 +26,8 @@ from ..._bridge import (
     install_async_unsafe_hook,
 )
 from ..._pool import AsyncPool, close_soon, discard_pool, get_pool
-from ..._storage import install
+from ... import _bridge
+from ..._storage import install, release_idle
 from ._psycopg import BridgeConnection
 from .creation import DatabaseCreation
 
@@ -77,6 +80,30 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
             self._loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
         except RuntimeError:
             self._loop = None
+        # A WITH HOLD cursor was declared on the current connection (see _close).
+        self._held_cursors = False
+        release = self.settings_dict["OPTIONS"].get("release", "task")
+        if release not in ("task", "idle"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['release'] must be 'task' or 'idle', "
+                f"not {release!r}."
+            )
+        if release == "idle" and not self.settings_dict.get("DISABLE_SERVER_SIDE_CURSORS"):
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['release'] = 'idle' gives connections "
+                f"back between queries, which closes server-side cursors: also set "
+                f"DATABASES[{self.alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True."
+            )
+        #: Give the connection back after each bridge call outside a transaction
+        #: (``OPTIONS["release"] = "idle"``) instead of when the task ends.
+        self.release_idle = release == "idle" and self._loop is not None
+        if self.release_idle:
+            _bridge.after_outermost_call = release_idle
+
+    def get_connection_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = super().get_connection_params()
+        params.pop("release", None)  # ours, not a libpq parameter
+        return params
 
     @property
     def is_async(self) -> bool:
@@ -110,6 +137,31 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
                 # (ensure_timezone): it cannot await, but the discarded pool's
                 # connections must still be closed.
                 close_soon(pool)
+
+    def create_cursor(self, name: str | None = None) -> Any:
+        cursor = pg_base.DatabaseWrapper.create_cursor.__wrapped__(self, name)
+        if name and self.connection.autocommit:
+            # DECLARE ... WITH HOLD outlives its transaction: _close() closes it.
+            self._held_cursors = True
+        return cursor
+
+    def _close(self) -> None:
+        conn = self.connection
+        try:
+            if conn is not None and in_bridge():
+                # Another greenlet may still use the connection (the loop's
+                # finalizer closing an abandoned aiterator()'s cursor): let it finish.
+                with conn.lock:
+                    pass
+                if self._held_cursors:
+                    # A held cursor would outlive this checkout: the next task
+                    # would inherit it (and could collide with its name).
+                    self._held_cursors = False
+                    if conn.info.transaction_status != pq.TransactionStatus.IDLE:
+                        conn.rollback()
+                    conn.execute("CLOSE ALL")
+        finally:
+            super()._close()
 
     def ensure_connection(self) -> None:
         # Looked up at call time so that test tools replacing the base method

@@ -1,0 +1,744 @@
+"""Benchmarks side by side: django-async-db against Django's stock paths and raw psycopg.
+
+Usage (``./dev bench [--quick]`` provisions PostgreSQL and runs this)::
+
+    python bench/compare.py [--quick] [--rounds N] [--seconds S] [--warmup S]
+                            [--only W1,W5] [--concurrency 1,16,64] [--contenders ours,...]
+                            [--json RAW.json] [--output MD] [--plot PNG]
+    python bench/compare.py --from-json RAW.json    # rebuild the report and plot only
+    python bench/compare.py --profile ours:W1:64    # cProfile (CPU time) of one cell
+
+Full mode: 3 rounds of 0.4 s warm-up + 1.25 s measured per cell, about 10
+minutes; ``--quick``: 1 round of 0.2 + 0.4 s, under 2 minutes (a smoke test:
+at C=64 the slowest contenders may finish nothing inside so short a window).
+
+It creates a database of its own (``djasync_bench_<random>``) on the server of
+``DATABASE_URL`` (author: 10k rows; book: 50k rows, 5 per author), starts one
+long-lived worker process per contender (``bench/worker.py``; Django settings
+are process-global) and, for each round, each workload and each concurrency,
+runs the contenders one after another (the starting contender rotates every
+round), so slow drifts of the machine hit every contender alike. It reports
+medians over the rounds of throughput, p50/p99 latency and client CPU per
+operation, and ratios computed within each round, then writes
+``docs/benchmarks.md`` and ``docs/img/benchmarks.png`` and drops the database.
+
+Contenders (pools: at most ``BENCH_POOL_MAX`` = 20 connections, so that the
+shared server, max_connections=100, keeps room; stock Django without a pool
+opens one connection per in-flight request, up to C=64):
+
+* ``ours``: this package: Django's own ``aget``/``acreate``/``async for``... and
+  ``async_atomic`` on ENGINE ``django_async_db.backends.postgresql``, pool 20;
+* ``stock_async``: Django's async API on the stock backend, default settings
+  (``CONN_MAX_AGE=0``: a connection per request);
+* ``stock_async_pool``: the same with Django's built-in pool (``OPTIONS["pool"]``);
+* ``sync_threads``: Django's sync ORM in a ``ThreadPoolExecutor`` of C threads,
+  stock backend with its pool;
+* ``raw_psycopg``: ``psycopg_pool.AsyncConnectionPool`` running the SQL Django
+  sends (the floor).
+
+Workloads: W1 get one author by pk; W2 20 books ``filter(id__gte=...)``
+ordered by id; W3 the same with ``select_related("author")``; W4 insert one
+book; W5 a transaction (update an author, insert a book, count the author's
+books, commit); W6 ``count`` + ``avg(pages)`` over one author's books.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+N_AUTHORS, N_BOOKS = 10_000, 50_000
+
+CONTENDERS = {
+    "ours": "django-async-db (Django's a* API, async_atomic)",
+    "stock_async": "Django async API, stock backend, CONN_MAX_AGE=0",
+    "stock_async_pool": "Django async API, stock backend + its pool",
+    "sync_threads": "Django sync ORM in C threads + its pool",
+    "raw_psycopg": "raw psycopg AsyncConnectionPool (floor)",
+}
+SHORT = {
+    "ours": "ours",
+    "stock_async": "stock async",
+    "stock_async_pool": "stock async+pool",
+    "sync_threads": "sync, C threads",
+    "raw_psycopg": "raw psycopg",
+}
+WORKLOADS = {
+    "W1": "get one row by pk",
+    "W2": "filter 20 rows ordered by id",
+    "W3": "W2 + select_related",
+    "W4": "insert one row",
+    "W5": "transaction: update, insert, count, commit",
+    "W6": "aggregate: count + avg",
+}
+MODES = {
+    "quick": {"rounds": 1, "warmup": 0.2, "seconds": 0.4},
+    "full": {"rounds": 3, "warmup": 0.4, "seconds": 1.25},
+}
+BASE = "stock_async_pool"  # the ratio column's reference: Django's best stock async setup
+MIN_OPS = 20  # fewer requests finished in a window: no CPU/op figure for that run
+
+
+def say(message: str) -> None:
+    print(f"bench: {message}", file=sys.stderr, flush=True)
+
+
+# --- the benchmark database -------------------------------------------------------------
+
+
+def server_url() -> str:
+    return os.environ.get("DATABASE_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
+
+
+def db_url(name: str) -> str:
+    return urlsplit(server_url())._replace(path=f"/{name}").geturl()
+
+
+def create_database() -> str:
+    import psycopg
+    from psycopg import sql
+
+    name = f"djasync_bench_{uuid.uuid4().hex[:10]}"
+    with psycopg.connect(server_url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    with psycopg.connect(db_url(name), autocommit=True) as conn:
+        conn.execute(
+            "CREATE TABLE bench_app_author (id bigint GENERATED BY DEFAULT AS IDENTITY"
+            " PRIMARY KEY, name varchar(100) NOT NULL, bio text NOT NULL)"
+        )
+        conn.execute(
+            "CREATE TABLE bench_app_book (id bigint GENERATED BY DEFAULT AS IDENTITY"
+            " PRIMARY KEY, author_id bigint NOT NULL REFERENCES bench_app_author (id)"
+            " DEFERRABLE INITIALLY DEFERRED, title varchar(200) NOT NULL,"
+            " pages integer NOT NULL)"
+        )
+        conn.execute("CREATE INDEX bench_app_book_author_id ON bench_app_book (author_id)")
+        conn.execute(
+            "INSERT INTO bench_app_author (id, name, bio) SELECT i, 'author ' || i,"
+            " repeat('bio ', 20) FROM generate_series(1, %s) i",
+            [N_AUTHORS],
+        )
+        conn.execute(
+            "INSERT INTO bench_app_book (id, author_id, title, pages) SELECT i,"
+            " (i - 1) / 5 + 1, 'book ' || i, 50 + i %% 450 FROM generate_series(1, %s) i",
+            [N_BOOKS],
+        )
+        for table in ("bench_app_author", "bench_app_book"):
+            conn.execute(
+                sql.SQL("SELECT setval(pg_get_serial_sequence({}, 'id'), max(id)) FROM {}").format(
+                    sql.Literal(table), sql.Identifier(table)
+                )
+            )
+            conn.execute(sql.SQL("VACUUM ANALYZE {}").format(sql.Identifier(table)))
+    return name
+
+
+def drop_database(name: str) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(server_url(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name))
+        )
+
+
+# --- workers ----------------------------------------------------------------------------
+
+
+class Worker:
+    """A contender's process; ``run`` sends one command and waits for its result."""
+
+    def __init__(self, name: str, env: dict[str, str]) -> None:
+        self.name = name
+        self.proc = subprocess.Popen(
+            [sys.executable, str(HERE / "worker.py"), name],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            env=env,
+        )
+
+    def _read(self) -> dict[str, Any]:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            raise SystemExit(f"bench: worker {self.name!r} died (exit {self.proc.wait()})")
+        return json.loads(line)  # type: ignore[no-any-return]
+
+    def wait_ready(self) -> None:
+        self._read()
+
+    def run(self, **command: Any) -> dict[str, Any]:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"cmd": "run", **command}) + "\n")
+        self.proc.stdin.flush()
+        return self._read()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            try:
+                assert self.proc.stdin is not None
+                self.proc.stdin.write('{"cmd": "quit"}\n')
+                self.proc.stdin.close()
+                self.proc.wait(timeout=30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait()
+
+
+# --- statistics and report --------------------------------------------------------------
+
+
+def med(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return statistics.median(present) if present else None
+
+
+def fmt(value: float | None, spec: str = ",.0f", suffix: str = "") -> str:
+    return "n/a" if value is None else format(value, spec) + suffix
+
+
+def cpu_valid(run: dict[str, Any]) -> bool:
+    """Return True if a run's CPU/op figure is meaningful.
+
+    The worker measures CPU between the first and the last request finishing in
+    the window; that needs enough requests, spread over most of the window (a
+    burst of completions at the end says little about what the requests cost).
+    """
+    if run.get("ops", 0) < MIN_OPS or not run.get("cpu_us_per_op") or not run.get("cpu_util"):
+        return False
+    cpu = run["cpu_us_per_op"] * (run["ops"] - 1) / 1e6
+    span = run.get("span", cpu / run["cpu_util"])
+    return bool(span >= 0.5 * run["seconds"])
+
+
+def summarize(raw: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str, Any]]:
+    """Medians per (workload, concurrency, contender), ratios from the same round."""
+    cells: dict[tuple[str, int, str], list[dict[str, Any]]] = {}
+    for r in raw:
+        cells.setdefault((r["workload"], r["concurrency"], r["contender"]), []).append(r)
+    by_round = {(r["workload"], r["concurrency"], r["contender"], r["round"]): r for r in raw}
+    out: dict[tuple[str, int, str], dict[str, Any]] = {}
+    for (w, c, name), runs in cells.items():
+        ratios: dict[str, float | None] = {}
+        for ref in (BASE, "sync_threads"):
+            per_round = []
+            for run in runs:
+                other = by_round.get((w, c, ref, run["round"]))
+                if other and other.get("ops_per_s"):
+                    per_round.append(run.get("ops_per_s", 0) / other["ops_per_s"])
+            ratios[ref] = med(per_round)
+        out[(w, c, name)] = {
+            "ops_per_s": med([r.get("ops_per_s") for r in runs]),
+            "p50_ms": med([r.get("p50_ms") for r in runs]),
+            "p99_ms": med([r.get("p99_ms") for r in runs]),
+            # CPU per op needs enough requests in the window to mean anything.
+            "cpu_us_per_op": med([r["cpu_us_per_op"] if cpu_valid(r) else None for r in runs]),
+            "ops": med([r.get("ops") for r in runs]),
+            "cpu_util": med([r.get("cpu_util") for r in runs]),
+            "new_conns_per_kop": med(
+                [1000 * r["new_conns"] / r["ops"] if r.get("ops") else None for r in runs]
+            ),
+            "errors": sum(r.get("errors", 0) for r in runs),
+            "first_error": next((r["first_error"] for r in runs if r.get("first_error")), None),
+            "threads_max": max((r.get("threads_max", 0) for r in runs), default=0),
+            "rss_kb": max((r.get("rss_kb", 0) for r in runs), default=0),
+            "maxrss_kb": max((r.get("maxrss_kb", 0) for r in runs), default=0),
+            "vs_base": ratios[BASE],
+            "vs_sync": ratios["sync_threads"],
+        }
+    return out
+
+
+def machine_facts(load: list[tuple[float, float, float]]) -> list[tuple[str, str]]:
+    import django
+    import greenlet
+    import psycopg
+    import psycopg_pool
+
+    cpu = "?"
+    with open("/proc/cpuinfo") as f:
+        for line in f:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with psycopg.connect(server_url()) as conn:
+        pg = conn.execute("SHOW server_version").fetchone()[0]  # type: ignore[index]
+        max_conn = conn.execute("SHOW max_connections").fetchone()[0]  # type: ignore[index]
+    host = urlsplit(server_url()).hostname or "localhost"
+    return [
+        ("CPU", f"{os.cpu_count()} cores, {cpu}"),
+        ("OS", platform.platform()),
+        ("Python", platform.python_version()),
+        ("Django", django.get_version()),
+        (
+            "psycopg / psycopg_pool / greenlet",
+            f"{psycopg.__version__} / {psycopg_pool.__version__} / {greenlet.__version__}",
+        ),
+        ("load average (1 min) at start / end", " / ".join(f"{la[0]:.1f}" for la in load)),
+        (
+            "PostgreSQL",
+            f"{pg} on {host} (max_connections={max_conn}; same machine as the client)"
+            if host in ("127.0.0.1", "localhost", "::1")
+            else f"{pg} on {host}",
+        ),
+    ]
+
+
+def write_report(
+    path: Path,
+    summary: dict[tuple[str, int, str], dict[str, Any]],
+    args: argparse.Namespace,
+    mode: dict[str, Any],
+    facts: list[tuple[str, str]],
+    started: dt.datetime,
+    elapsed: float,
+    workloads: list[str],
+    concurrency: list[int],
+    contenders: list[str],
+) -> str:
+    lines: list[str] = []
+    add = lines.append
+    add("# Benchmarks side by side")
+    add("")
+    add(
+        f"Generated by `{args.command_line}` on {started:%Y-%m-%d %H:%M} UTC "
+        f"({elapsed / 60:.1f} minutes; {mode['rounds']} round(s) of "
+        f"{mode['warmup']} s warm-up + {mode['seconds']} s measured per cell). "
+        "Harness: [bench/compare.py](../bench/compare.py) and "
+        "[bench/worker.py](../bench/worker.py)."
+    )
+    add("")
+    for key, value in facts:
+        add(f"- **{key}**: {value}")
+    add("")
+    add("![throughput vs concurrency](img/benchmarks.png)")
+    add("")
+    add("## How it is measured")
+    add("")
+    add(
+        "A dedicated database (author: 10k rows; book: 50k rows, 5 per author) is created "
+        "and dropped by the harness. Each contender runs in its own long-lived worker "
+        "process; for every round, workload and concurrency C the contenders run one "
+        "after another (the first one rotates each round), so drift on this shared "
+        "machine hits all of them. C closed-loop clients issue requests back to back; "
+        "each request is a new asyncio task, as an ASGI server makes (for the Django "
+        "async contenders inside asgiref's `ThreadSensitiveContext`, as Django's ASGI "
+        "handler does; stock Django ends each request with `close_old_connections`, "
+        "which is what `request_finished` does and how its pool gets connections back). "
+        "`sync_threads` runs C threads of a `ThreadPoolExecutor`. Only requests that "
+        "finish in the measured window count. Figures are medians over rounds; ratios "
+        "are computed within each round, then the median is taken."
+    )
+    add("")
+    add(
+        "- **CPU µs/op**: the client process's CPU time (all its threads, "
+        "`time.process_time`) over the window divided by operations; the PostgreSQL "
+        "server's CPU is not included. Client and server share the machine's cores, so "
+        "throughput is bounded by both. **client CPU cores** is that CPU time divided by "
+        "wall time: well below 1 for a single-threaded contender means it was waiting "
+        "(for the server, the pool, or for the OS to schedule it)."
+    )
+    add(
+        "- **Pools**: fixed size, `min_size = max_size = "
+        f"{os.environ.get('BENCH_POOL_MAX', '20')}`, for ours, Django's pool and raw "
+        "psycopg, so that C=64 stays under the shared server's `max_connections=100`; "
+        "with C=64, requests wait for a connection. `stock_async` (`CONN_MAX_AGE=0`, no "
+        "pool) opens one connection per request, up to C at once. After each run a "
+        "worker gives all its connections back, so only the running contender holds "
+        "connections; before the next run's warm-up its pool is opened and filled."
+    )
+    add(
+        "- **A shared machine**: other processes (test suites, the shared PostgreSQL "
+        "server) compete for the same cores; the load average is shown above. Absolute "
+        "figures move with that load, which is why contenders are interleaved and ratios "
+        "are taken within a round. On an overloaded machine the OS scheduler shares CPU "
+        "per thread, which favours the contenders with a thread per request; CPU µs/op "
+        "is the steadier figure for comparing the Python cost of each path."
+    )
+    add(
+        "- **new conns/1k ops**: server connections opened during the measured window "
+        "(psycopg_pool's `connections_num`; `connection_created` for `stock_async`)."
+    )
+    add("")
+    for name in contenders:
+        add(f"- `{name}`: {CONTENDERS[name]}")
+    add("")
+
+    add("## Throughput (ops/s, median)")
+    add("")
+    header = "| workload | C | " + " | ".join(SHORT[n] for n in contenders)
+    has_ratio = "ours" in contenders and BASE in contenders
+    has_sync = "ours" in contenders and "sync_threads" in contenders
+    header += " | ours ÷ stock async+pool" if has_ratio else ""
+    header += " | ours ÷ sync threads" if has_sync else ""
+    add(header + " |")
+    add("|---|---:|" + "---:|" * (len(contenders) + has_ratio + has_sync))
+    for w in workloads:
+        for c in concurrency:
+            row = f"| {w} {WORKLOADS[w]} | {c} | "
+            row += " | ".join(fmt(summary.get((w, c, n), {}).get("ops_per_s")) for n in contenders)
+            ours = summary.get((w, c, "ours"), {})
+            if has_ratio:
+                row += f" | {fmt(ours.get('vs_base'), '.2f', '×')}"
+            if has_sync:
+                row += f" | {fmt(ours.get('vs_sync'), '.2f', '×')}"
+            add(row + " |")
+    add("")
+
+    add("## Client CPU per operation (µs, median; lower is better)")
+    add("")
+    add(
+        f"n/a: fewer than {MIN_OPS} requests finished inside the window, or they finished "
+        "within less than half of it (stock async at C=64 spends most of its time opening "
+        "connections, some refused by the server, and completes requests in bursts)."
+    )
+    add("")
+    add("| workload | C | " + " | ".join(SHORT[n] for n in contenders) + " |")
+    add("|---|---:|" + "---:|" * len(contenders))
+    for w in workloads:
+        for c in concurrency:
+            cells = [fmt(summary.get((w, c, n), {}).get("cpu_us_per_op")) for n in contenders]
+            add(f"| {w} | {c} | " + " | ".join(cells) + " |")
+    add("")
+
+    add("## Targets")
+    add("")
+    add("| target | measured | met |")
+    add("|---|---|---|")
+    for w in ("W1", "W5"):
+        if w not in workloads or 64 not in concurrency or not has_ratio:
+            continue
+        ours = summary.get((w, 64, "ours"), {})
+        ratio = ours.get("vs_base")
+        add(
+            f"| {w} at C=64: ≥ 2.5× stock async+pool | {fmt(ratio, '.2f', '×')} "
+            f"({fmt(ours.get('ops_per_s'))} vs "
+            f"{fmt(summary.get((w, 64, BASE), {}).get('ops_per_s'))} ops/s) | "
+            f"{'yes' if ratio and ratio >= 2.5 else 'no'} |"
+        )
+        if has_sync:
+            ratio = ours.get("vs_sync")
+            add(
+                f"| {w} at C=64: ahead of sync ORM in 64 threads | {fmt(ratio, '.2f', '×')} "
+                f"({fmt(ours.get('ops_per_s'))} vs "
+                f"{fmt(summary.get((w, 64, 'sync_threads'), {}).get('ops_per_s'))} ops/s) | "
+                f"{'yes' if ratio and ratio > 1 else 'no'} |"
+            )
+    if "ours" in contenders:
+        per_c = {
+            c: max(summary.get((w, c, "ours"), {}).get("threads_max", 0) for w in workloads)
+            for c in concurrency
+        }
+        flat = max(per_c.values()) - min(per_c.values()) <= 1
+        add(
+            "| OS threads flat under load (ours) | "
+            + ", ".join(f"C={c}: {t}" for c, t in per_c.items())
+            + f" | {'yes' if flat else 'no'} |"
+        )
+        conns = [
+            summary.get((w, c, "ours"), {}).get("new_conns_per_kop")
+            for w in workloads
+            for c in concurrency
+        ]
+        worst = max((v for v in conns if v is not None), default=None)
+        add(
+            f"| no per-request connection setup (ours) | at most {fmt(worst, '.2f')} new "
+            f"connections per 1,000 requests in any cell | "
+            f"{'yes' if worst is not None and worst < 1 else 'no'} |"
+        )
+    add("")
+
+    if 64 in concurrency:
+        add("## Resources at C=64 (per worker process)")
+        add("")
+        add("| contender | peak RSS (MiB) | OS threads, max at C=1 | at C=16 | at C=64 |")
+        add("|---|---:|---:|---:|---:|")
+        for n in contenders:
+            rss = max(summary.get((w, 64, n), {}).get("maxrss_kb", 0) for w in workloads)
+            threads = [
+                str(max(summary[(w, c, n)]["threads_max"] for w in workloads))
+                if c in concurrency
+                else "n/a"
+                for c in (1, 16, 64)
+            ]
+            add(f"| {SHORT[n]} | {rss / 1024:.0f} | " + " | ".join(threads) + " |")
+        add("")
+        add("Peak RSS is the worker's lifetime peak (`ru_maxrss`), reached at C=64.")
+        add("")
+
+    add("## Details per workload")
+    add("")
+    for w in workloads:
+        add(f"### {w}: {WORKLOADS[w]}")
+        add("")
+        add(
+            "| C | contender | ops/s | ÷ stock async+pool | p50 ms | p99 ms | CPU µs/op "
+            "| client CPU cores | new conns/1k ops | errors |"
+        )
+        add("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+        for c in concurrency:
+            for n in contenders:
+                s = summary.get((w, c, n))
+                if not s:
+                    continue
+                add(
+                    f"| {c} | {SHORT[n]} | {fmt(s['ops_per_s'])} | {fmt(s['vs_base'], '.2f')} "
+                    f"| {fmt(s['p50_ms'], '.2f')} | {fmt(s['p99_ms'], '.2f')} "
+                    f"| {fmt(s['cpu_us_per_op'])} | {fmt(s['cpu_util'], '.2f')} "
+                    f"| {fmt(s['new_conns_per_kop'], '.1f')} | {s['errors']} |"
+                )
+        add("")
+    errors = {(w, c, n): s["first_error"] for (w, c, n), s in summary.items() if s["first_error"]}
+    if errors:
+        add("## Errors")
+        add("")
+        for (w, c, n), message in sorted(errors.items()):
+            add(f"- {w} C={c} `{n}`: `{message}`")
+        add("")
+    text = "\n".join(lines)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return text
+
+
+def plot(
+    path: Path,
+    summary: dict[tuple[str, int, str], dict[str, Any]],
+    workloads: list[str],
+    concurrency: list[int],
+    contenders: list[str],
+    subtitle: str,
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    cols = 3
+    rows = (len(workloads) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(5 * cols, 3.8 * rows), squeeze=False)
+    styles = {
+        "ours": ("tab:red", "o", "-"),
+        "stock_async": ("tab:gray", "v", "--"),
+        "stock_async_pool": ("tab:blue", "s", "-"),
+        "sync_threads": ("tab:green", "^", "-"),
+        "raw_psycopg": ("black", "x", ":"),
+    }
+    for ax, w in zip(axes.flat, workloads, strict=False):
+        for n in contenders:
+            ys = [summary.get((w, c, n), {}).get("ops_per_s") for c in concurrency]
+            color, marker, line = styles[n]
+            ax.plot(
+                concurrency,
+                [y if y is not None else float("nan") for y in ys],
+                color=color,
+                marker=marker,
+                linestyle=line,
+                label=SHORT[n],
+            )
+        ax.set_title(f"{w}: {WORKLOADS[w]}", fontsize=10)
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(concurrency, [str(c) for c in concurrency])
+        ax.set_xlabel("concurrent tasks (C)")
+        ax.set_ylabel("ops/s (median)")
+        ax.set_ylim(bottom=0)
+        ax.grid(True, alpha=0.3)
+    for ax in list(axes.flat)[len(workloads) :]:
+        ax.axis("off")
+    handles, labels = axes.flat[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(contenders), fontsize=9)
+    fig.suptitle(f"Throughput vs concurrency ({subtitle})", fontsize=11)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.96))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# --- main -------------------------------------------------------------------------------
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--quick", action="store_true", help="1 round, short runs (< 2 min)")
+    parser.add_argument("--rounds", type=int, help="rounds (default: 3, --quick: 1)")
+    parser.add_argument("--seconds", type=float, help="measured seconds per cell")
+    parser.add_argument("--warmup", type=float, help="warm-up seconds per cell")
+    parser.add_argument("--only", help="workloads, e.g. W1,W5 (default: all)")
+    parser.add_argument("--concurrency", default="1,16,64", help="default: 1,16,64")
+    parser.add_argument("--contenders", help=f"default: {','.join(CONTENDERS)}")
+    parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument("--plot", type=Path, default=ROOT / "docs" / "img" / "benchmarks.png")
+    parser.add_argument(
+        "--json", type=Path, help="write every run's raw figures here (default: a temp file)"
+    )
+    parser.add_argument(
+        "--from-json", type=Path, help="only rebuild the report and plot from a --json file"
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="CONTENDER:W:C",
+        help="only profile one cell with cProfile in its worker and print the top functions",
+    )
+    args = parser.parse_args()
+    args.command_line = os.environ.get("BENCH_COMMAND") or "python bench/compare.py " + " ".join(
+        sys.argv[1:]
+    )
+    mode = dict(MODES["quick" if args.quick else "full"])
+    for key in ("rounds", "seconds", "warmup"):
+        if getattr(args, key) is not None:
+            mode[key] = getattr(args, key)
+    workloads = args.only.split(",") if args.only else list(WORKLOADS)
+    concurrency = [int(c) for c in args.concurrency.split(",")]
+    contenders = args.contenders.split(",") if args.contenders else list(CONTENDERS)
+    for value, known, what in (
+        (workloads, WORKLOADS, "workload"),
+        (contenders, CONTENDERS, "contender"),
+    ):
+        if unknown := set(value) - set(known):
+            parser.error(f"unknown {what}(s): {', '.join(sorted(unknown))}")
+    if args.profile:
+        name, w, c = args.profile.split(":")
+        contenders, workloads, concurrency = [name], [w], [int(c)]
+    if args.from_json:
+        render(json.loads(args.from_json.read_text()), args)
+        return
+
+    started = dt.datetime.now(dt.UTC)
+    load = [os.getloadavg()]
+    t0 = time.monotonic()
+    say(f"creating the benchmark database on {urlsplit(server_url()).hostname}")
+    name = create_database()
+    workers: list[Worker] = []
+    raw: list[dict[str, Any]] = []
+    try:
+        env = {
+            **os.environ,
+            "BENCH_DATABASE_URL": db_url(name),
+            "PYTHONHASHSEED": "0",
+            "BENCH_AUTHORS": str(N_AUTHORS),
+            "BENCH_BOOKS": str(N_BOOKS),
+        }
+        env["PYTHONPATH"] = os.pathsep.join(
+            filter(None, [str(ROOT / "src"), env.get("PYTHONPATH")])
+        )
+        workers = [Worker(n, env) for n in contenders]
+        for worker in workers:
+            worker.wait_ready()
+        say(f"database {name}; workers ready in {time.monotonic() - t0:.1f} s")
+        if args.profile:
+            result = workers[0].run(
+                workload=workloads[0],
+                concurrency=concurrency[0],
+                warmup=mode["warmup"],
+                seconds=max(mode["seconds"], 3.0),
+                profile=True,
+            )
+            print(result.pop("profile", ""))
+            print(json.dumps(result, indent=2))
+            return
+        total = mode["rounds"] * len(workloads) * len(concurrency) * len(workers)
+        done = 0
+        for rnd in range(mode["rounds"]):
+            order = workers[rnd % len(workers) :] + workers[: rnd % len(workers)]
+            for w in workloads:
+                for c in concurrency:
+                    for worker in order:
+                        result = worker.run(
+                            workload=w,
+                            concurrency=c,
+                            warmup=mode["warmup"],
+                            seconds=mode["seconds"],
+                        )
+                        done += 1
+                        if "fatal" in result:
+                            say(f"{worker.name} {w} C={c}: FAILED: {result['fatal']}")
+                        result.update(contender=worker.name, workload=w, concurrency=c, round=rnd)
+                        raw.append(result)
+                    line = ", ".join(
+                        f"{r['contender']} {fmt(r.get('ops_per_s'))}" for r in raw[-len(workers) :]
+                    )
+                    say(f"[{done}/{total}] round {rnd + 1} {w} C={c}: {line} ops/s")
+    finally:
+        for worker in workers:
+            worker.stop()
+        drop_database(name)
+        say(f"dropped {name}")
+    load.append(os.getloadavg())
+    data = {
+        "command": args.command_line,
+        "quick": args.quick,
+        "mode": mode,
+        "started": started.isoformat(),
+        "elapsed": time.monotonic() - t0,
+        "facts": machine_facts(load),
+        "workloads": workloads,
+        "concurrency": concurrency,
+        "contenders": contenders,
+        "runs": raw,
+    }
+    path = args.json or Path(tempfile.gettempdir()) / f"{name}.json"
+    path.write_text(json.dumps(data, indent=1))
+    say(f"raw figures in {path} (rebuild the report with --from-json {path})")
+    render(data, args)
+
+
+def render(data: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write the markdown report and the plot from a run's raw figures."""
+    summary = summarize(data["runs"])
+    started = dt.datetime.fromisoformat(data["started"])
+    mode, elapsed = data["mode"], data["elapsed"]
+    workloads, concurrency, contenders = (
+        data["workloads"],
+        data["concurrency"],
+        data["contenders"],
+    )
+    args.command_line = data["command"]
+    facts = [tuple(f) for f in data["facts"]]
+    text = write_report(
+        args.output,
+        summary,
+        args,
+        mode,
+        facts,
+        started,
+        elapsed,
+        workloads,
+        concurrency,
+        contenders,
+    )
+    plot(
+        args.plot,
+        summary,
+        workloads,
+        concurrency,
+        contenders,
+        f"{'quick' if data['quick'] else 'full'} run, {started:%Y-%m-%d}, "
+        f"{os.cpu_count()} cores, medians of {mode['rounds']} round(s)",
+    )
+    print(text)
+    shown = [
+        str(f.relative_to(ROOT) if f.is_relative_to(ROOT) else f) for f in (args.output, args.plot)
+    ]
+    say(f"wrote {shown[0]} and {shown[1]} in {elapsed:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
