@@ -395,9 +395,9 @@ def write_report(
             row += " | ".join(fmt(summary.get((w, c, n), {}).get("ops_per_s")) for n in contenders)
             ours = summary.get((w, c, "ours"), {})
             if has_ratio:
-                row += f" | {fmt(ours.get('vs_base'), '.2f', '×')}"
+                row += f" | {fmt(ours.get('vs_base'), '.2f', 'x')}"
             if has_sync:
-                row += f" | {fmt(ours.get('vs_sync'), '.2f', '×')}"
+                row += f" | {fmt(ours.get('vs_sync'), '.2f', 'x')}"
             add(row + " |")
     add("")
 
@@ -427,7 +427,7 @@ def write_report(
         ours = summary.get((w, 64, "ours"), {})
         ratio = ours.get("vs_base")
         add(
-            f"| {w} at C=64: ≥ 2.5× stock async+pool | {fmt(ratio, '.2f', '×')} "
+            f"| {w} at C=64: ≥ 2.5x stock async+pool | {fmt(ratio, '.2f', 'x')} "
             f"({fmt(ours.get('ops_per_s'))} vs "
             f"{fmt(summary.get((w, 64, BASE), {}).get('ops_per_s'))} ops/s) | "
             f"{'yes' if ratio and ratio >= 2.5 else 'no'} |"
@@ -435,7 +435,7 @@ def write_report(
         if has_sync:
             ratio = ours.get("vs_sync")
             add(
-                f"| {w} at C=64: ahead of sync ORM in 64 threads | {fmt(ratio, '.2f', '×')} "
+                f"| {w} at C=64: ahead of sync ORM in 64 threads | {fmt(ratio, '.2f', 'x')} "
                 f"({fmt(ours.get('ops_per_s'))} vs "
                 f"{fmt(summary.get((w, 64, 'sync_threads'), {}).get('ops_per_s'))} ops/s) | "
                 f"{'yes' if ratio and ratio > 1 else 'no'} |"

@@ -215,7 +215,7 @@ class Contender:
             while (t0 := time.perf_counter()) < stop_at:
                 try:
                     await loop.create_task(self.request(body, rng))
-                except Exception as exc:  # noqa: BLE001 - counted and reported
+                except Exception as exc:
                     rec.error(exc)
                     await asyncio.sleep(0.01)
                     continue
@@ -461,7 +461,7 @@ class SyncThreads(Contender):
                         body(rng)
                     finally:
                         close_old_connections()  # request_finished: back to the pool
-                except Exception as exc:  # noqa: BLE001 - counted and reported
+                except Exception as exc:
                     rec.error(exc)
                     time.sleep(0.01)
                     continue
@@ -612,7 +612,7 @@ def main() -> None:
         try:
             with profiler or contextlib.nullcontext():
                 result = contender.run(*args)
-        except Exception as exc:  # noqa: BLE001 - reported to the driver
+        except Exception as exc:
             traceback.print_exc()
             result = {"fatal": f"{type(exc).__name__}: {exc}"[:500]}
         if profiler is not None:

@@ -86,7 +86,6 @@ def thread_probe() -> Iterator[Callable[[], set[int]]]:
                 conn.execute_wrappers.remove(probe)
 
 
-
 @pytest.fixture
 def read_only_db(django_db_blocker: Any) -> Iterator[None]:
     """Allow database access to a test that writes nothing (so nothing to flush)."""

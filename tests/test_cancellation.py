@@ -20,8 +20,6 @@ pytestmark = pytest.mark.django_db(transaction=True, available_apps=APPS)
 IDLE = pq.TransactionStatus.IDLE
 
 
-
-
 async def backend_pid() -> int:
     async with async_connections["default"].cursor() as cur:
         await cur.execute("SELECT pg_backend_pid()")

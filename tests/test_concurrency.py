@@ -25,8 +25,6 @@ class Boom(Exception):
     """Raised inside a block to roll it back."""
 
 
-
-
 async def txid() -> tuple[int, int]:
     """Return (server transaction id, backend pid) seen by this task's connection."""
     async with async_connections["default"].cursor() as cur:

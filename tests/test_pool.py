@@ -26,8 +26,6 @@ def read_only_db(django_db_blocker):
         yield
 
 
-
-
 async def session_pids(watch: psycopg.AsyncConnection) -> set[int]:
     """Return the pids of the server sessions on the test database."""
     cur = await watch.execute(

@@ -7,6 +7,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.db import connections
 
 from django_async_db import async_atomic, async_connections, pool_stats
+from tests.conftest import wait_until
 from tests.testapp.models import Author
 
 APPS = ["django_async_db", "tests.testapp"]
@@ -35,8 +36,13 @@ async def test_connection_goes_back_after_each_query(idle_release):
     assert wrapper.connection is None
     assert await Author.objects.acount() == 1
     assert wrapper.connection is None
-    stats = pool_stats("default")
-    assert stats["pool_available"] == stats["pool_size"]
+
+    async def all_available() -> bool:
+        stats = pool_stats("default")
+        return bool(stats["pool_available"] == stats["pool_size"])
+
+    # Nothing holds a connection although this task is still running.
+    assert await wait_until(all_available)
 
 
 async def test_a_transaction_keeps_its_connection_across_awaits(idle_release):
@@ -51,10 +57,13 @@ async def test_a_transaction_keeps_its_connection_across_awaits(idle_release):
 
 
 async def test_a_rolled_back_transaction_releases_a_clean_connection(idle_release):
-    with pytest.raises(ZeroDivisionError):
+    async def fail_in_transaction() -> None:
         async with async_atomic():
             await Author.objects.acreate(name="gone")
-            1 / 0  # noqa: B018
+            raise ZeroDivisionError
+
+    with pytest.raises(ZeroDivisionError):
+        await fail_in_transaction()
     assert async_connections["default"].wrapper.connection is None
     assert not await Author.objects.filter(name="gone").aexists()
 

@@ -57,7 +57,7 @@ class _BridgeGreenlet(greenlet):  # type: ignore[misc]
         self.allow_sync = 0
         # Share the task's contextvars: the sync code sees the same context
         # (and therefore the same task-owned connections) as the caller.
-        self.gr_context = driver.gr_context
+        self.gr_context = driver.gr_context  # type: ignore[misc]
 
 
 def in_bridge() -> bool:

@@ -134,18 +134,19 @@ def bridged_sync_to_async(
             executor=executor,
             context=context,
         )
-    stock = asgiref_sync.sync_to_async(
-        func, thread_sensitive=thread_sensitive, executor=executor, context=context
-    )
     if not thread_sensitive or executor is not None:
-        return stock
+        return asgiref_sync.sync_to_async(
+            func, thread_sensitive=thread_sensitive, executor=executor, context=context
+        )
 
-    @functools.wraps(func)
+    # Django calls sync_to_async(method)(...) on every a* call: build nothing
+    # up front (no SyncToAsync, no functools.wraps) on the bridged path.
     async def inner(*args: Any, **kwargs: Any) -> Any:
         if uses_bridge(func, args):
             return await run_sync(func, *args, **kwargs)
-        return await stock(*args, **kwargs)
+        return await asgiref_sync.sync_to_async(func, context=context)(*args, **kwargs)
 
+    inner.__wrapped__ = func  # type: ignore[attr-defined]
     return inner
 
 

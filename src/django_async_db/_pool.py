@@ -121,9 +121,11 @@ class AsyncPool:
         params["autocommit"] = True
         params["prepare_threshold"] = None
         self._params = params
-        self._configure_view: Callable[[BridgeConnection], object] = wrapper._configure_connection
+        self._configure_view: Callable[[BridgeConnection], object] = wrapper._configure_connection  # type: ignore[attr-defined]
         self.options = options
         self._pool: _ConnectionPool | None = None
+        #: Set once the pool is closed or no longer the loop's pool for the alias.
+        self.closed = False
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
@@ -178,7 +180,7 @@ class AsyncPool:
             except psycopg_pool.PoolTimeout as exc:
                 raise PoolTimeout(self.alias, self._pool.max_size, self._pool.timeout) from exc
         view = conn.view
-        view._pool = self  # Django's _close() returns connections through this.
+        view._pool = self  # type: ignore[assignment]  # Django's _close() returns it here
         return view
 
     async def aputconn(self, view: BridgeConnection) -> None:
@@ -191,6 +193,7 @@ class AsyncPool:
 
     async def aclose(self) -> None:
         """Close the pool and every connection in it."""
+        self.closed = True
         if self._pool is not None:
             await self._pool.close()
 
@@ -209,6 +212,7 @@ class AsyncPool:
 
     def terminate(self) -> None:
         """Close every connection now, without I/O on the loop (it is closing)."""
+        self.closed = True
         for conn in list(self._conns):
             if not conn.closed:
                 conn.pgconn.finish()
@@ -260,7 +264,10 @@ def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:
 def discard_pool(alias: str) -> AsyncPool | None:
     """Forget the running loop's pool for ``alias`` (the caller closes it)."""
     per_loop = _pools.get(asyncio.get_running_loop())
-    return per_loop.pop(alias, None) if per_loop else None
+    pool = per_loop.pop(alias, None) if per_loop else None
+    if pool is not None:
+        pool.closed = True  # wrappers holding it must look it up again
+    return pool
 
 
 _closing: set[asyncio.Task[None]] = set()

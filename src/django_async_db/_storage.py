@@ -136,7 +136,7 @@ async def release_idle() -> None:
     bridge call, so a connection is held only for one call or one transaction
     (what PgBouncer's transaction pooling needs).
     """
-    storage = connections._connections
+    storage = connections._connections  # type: ignore[attr-defined]
     if not isinstance(storage, TaskLocal):
         return
     ns, in_task = storage._namespace(create=False)
@@ -168,7 +168,7 @@ async def _release(wrappers: list[Any]) -> None:
 
 def task_wrappers() -> dict[str, Any]:
     """Return the current task's initialized wrappers by alias."""
-    storage = connections._connections
+    storage = connections._connections  # type: ignore[attr-defined]
     if isinstance(storage, TaskLocal):
         return dict(vars(storage._namespace(create=False)[0]))
     return {}
@@ -176,7 +176,7 @@ def task_wrappers() -> dict[str, Any]:
 
 def install() -> TaskLocal:
     """Put a :class:`TaskLocal` behind ``django.db.connections`` (once)."""
-    storage = connections._connections
+    storage = connections._connections  # type: ignore[attr-defined]
     if not isinstance(storage, TaskLocal):
         new = TaskLocal()
         # Keep what this thread already opened (sync code before install).
@@ -186,7 +186,7 @@ def install() -> TaskLocal:
             except AttributeError:
                 continue
             setattr(new._thread, alias, wrapper)
-        connections._connections = new
+        connections._connections = new  # type: ignore[attr-defined]
         storage = new
         _bridge.share_connections = new.share
     return storage

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from types import TracebackType
-from typing import Any
+from typing import Any, cast
 
 from django.core.exceptions import ImproperlyConfigured
 from django.db import DEFAULT_DB_ALIAS, ProgrammingError, connections
@@ -242,7 +242,7 @@ class AsyncConnectionHandler:
         wrapper = connections.create_connection(alias)
         connections[alias] = wrapper
         try:
-            yield AsyncConnection(wrapper)
+            yield AsyncConnection(cast(DatabaseWrapper, wrapper))
         finally:
             connections[alias] = previous
             await run_sync_shielded(wrapper.close)

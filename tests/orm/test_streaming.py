@@ -16,6 +16,7 @@ from tests.testapp.models import Author, Book, Event
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
+
 @pytest.fixture(autouse=True)
 async def _no_cursor_left_for_the_next_test():
     """Every test leaves the pool's sessions without a cursor or an open transaction."""

@@ -32,9 +32,6 @@ def read_only_db(django_db_blocker):
         yield
 
 
-
-
-
 async def test_is_djangos_postgresql_backend():
     wrapper = connections["default"]
     assert isinstance(wrapper, DatabaseWrapper)

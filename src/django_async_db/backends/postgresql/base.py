@@ -15,10 +15,11 @@ from typing import Any
 
 import psycopg
 from django.core.exceptions import ImproperlyConfigured
-from django.db.backends.base.base import BaseDatabaseWrapper
+from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
 from django.db.backends.postgresql import base as pg_base
 from psycopg import pq
 
+from ... import _bridge
 from ..._bridge import (
     bridge_async_unsafe,
     call_allowing_sync,
@@ -26,7 +27,6 @@ from ..._bridge import (
     install_async_unsafe_hook,
 )
 from ..._pool import AsyncPool, close_soon, discard_pool, get_pool
-from ... import _bridge
 from ..._storage import install, release_idle
 from ._psycopg import BridgeConnection
 from .creation import DatabaseCreation
@@ -45,7 +45,7 @@ class _PsycopgModule(types.ModuleType):
 
 install_async_unsafe_hook()
 _Database = _PsycopgModule("psycopg")
-_Database.__version__ = psycopg.__version__
+setattr(_Database, "__version__", psycopg.__version__)  # noqa: B010 - a module attribute
 
 # Django guards these with @async_unsafe, which refuses any call while a loop
 # runs in the thread. They are re-applied with a check that allows calls made
@@ -82,6 +82,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
             self._loop = None
         # A WITH HOLD cursor was declared on the current connection (see _close).
         self._held_cursors = False
+        self._async_pool: AsyncPool | None = None
         release = self.settings_dict["OPTIONS"].get("release", "task")
         if release not in ("task", "idle"):
             raise ImproperlyConfigured(
@@ -112,8 +113,12 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
 
     @property
     def pool(self) -> Any:
-        if self._loop is not None and self.alias != pg_base.NO_DB_ALIAS:
-            return get_pool(self)
+        if self._loop is not None and self.alias != NO_DB_ALIAS:
+            # Django reads it several times per checkout: keep the loop's pool.
+            pool = self._async_pool
+            if pool is None or pool.closed:
+                pool = self._async_pool = get_pool(self)
+            return pool
         pool = super().pool
         if pool is not None:
             # Django's sync pool makes plain psycopg connections; a sync wrapper
@@ -139,7 +144,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
                 close_soon(pool)
 
     def create_cursor(self, name: str | None = None) -> Any:
-        cursor = pg_base.DatabaseWrapper.create_cursor.__wrapped__(self, name)
+        cursor = pg_base.DatabaseWrapper.create_cursor.__wrapped__(self, name)  # type: ignore[attr-defined]
         if name and self.connection.autocommit:
             # DECLARE ... WITH HOLD outlives its transaction: _close() closes it.
             self._held_cursors = True
@@ -161,7 +166,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
                         conn.rollback()
                     conn.execute("CLOSE ALL")
         finally:
-            super()._close()
+            super()._close()  # type: ignore[misc]
 
     def ensure_connection(self) -> None:
         # Looked up at call time so that test tools replacing the base method

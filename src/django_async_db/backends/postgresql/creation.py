@@ -19,4 +19,4 @@ class DatabaseCreation(creation.DatabaseCreation):  # type: ignore[misc]
         # pytest-asyncio's session loop): close their connections to the test
         # database now, or the DROP DATABASE fails while they are open.
         terminate_pools(self.connection.alias)
-        super()._destroy_test_db(test_database_name, verbosity)
+        super()._destroy_test_db(test_database_name, verbosity)  # type: ignore[misc]
