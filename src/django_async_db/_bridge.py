@@ -166,6 +166,7 @@ async def run_sync_shielded(fn: Callable[P, T], /, *args: P.args, **kwargs: P.kw
 
 
 def _loop_running() -> bool:
+    """Return True when an event loop runs in this thread."""
     try:
         asyncio.get_running_loop()
     except RuntimeError:

@@ -29,7 +29,7 @@ from django.db import DEFAULT_DB_ALIAS, connections
 from django.test import SimpleTestCase, TestCase, TransactionTestCase
 from django.test.testcases import _AssertNumQueriesContext
 
-from ._bridge import in_bridge, run_sync
+from ._bridge import _loop_running, in_bridge, run_sync
 from ._storage import install as install_storage
 
 __all__ = [
@@ -374,11 +374,3 @@ class _CaptureOnCommit:
                 await run_sync(cm.__exit__, None, None, None)
             finally:
                 _unwrapped(callbacks)
-
-
-def _loop_running() -> bool:
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        return False
-    return True
