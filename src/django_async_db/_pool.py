@@ -126,6 +126,8 @@ class AsyncPool:
         self._pool: _ConnectionPool | None = None
         #: Set once the pool is closed or no longer the loop's pool for the alias.
         self.closed = False
+        #: Connections held by tasks right now.
+        self.checked_out = 0
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
@@ -178,7 +180,10 @@ class AsyncPool:
             try:
                 conn = await self._pool.getconn()
             except psycopg_pool.PoolTimeout as exc:
-                raise PoolTimeout(self.alias, self._pool.max_size, self._pool.timeout) from exc
+                raise PoolTimeout(
+                    self.alias, self._pool.max_size, self._pool.timeout, self.checked_out
+                ) from exc
+        self.checked_out += 1
         view = conn.view
         view._pool = self  # type: ignore[assignment]  # Django's _close() returns it here
         return view
@@ -186,6 +191,7 @@ class AsyncPool:
     async def aputconn(self, view: BridgeConnection) -> None:
         """Give a connection back (or close it when unpooled)."""
         conn: PooledAsyncConnection = view.pooled  # type: ignore[attr-defined]
+        self.checked_out -= 1
         if self._pool is None or conn._pool is None:
             await conn.close()
         else:

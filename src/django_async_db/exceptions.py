@@ -15,12 +15,21 @@ class PoolTimeout(OperationalError):
     ``max_size`` connections of the alias's pool are held by other tasks.
     """
 
-    def __init__(self, alias: str, max_size: int, timeout: float) -> None:
+    def __init__(
+        self, alias: str, max_size: int, timeout: float, in_use: int | None = None
+    ) -> None:
+        if in_use is not None and in_use < max_size:
+            why = (
+                f"only {in_use} of its {max_size} connections are in use and no new one "
+                f"could be opened. Is the server reachable?"
+            )
+        else:
+            why = (
+                f"all {max_size} connections of its pool are in use. Raise "
+                f"OPTIONS['pool']['max_size'] or ['timeout'], or hold connections for less time."
+            )
         super().__init__(
-            f"Could not get a connection for database alias {alias!r} within "
-            f"{timeout:g} s: all {max_size} connections of its pool are in use. "
-            f"Raise OPTIONS['pool']['max_size'] or ['timeout'], or hold "
-            f"connections for less time."
+            f"Could not get a connection for database alias {alias!r} within {timeout:g} s: {why}"
         )
         self.alias = alias
         self.max_size = max_size

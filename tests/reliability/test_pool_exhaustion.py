@@ -42,7 +42,8 @@ async def test_waiters_beyond_pool_size_get_pool_timeout(pool_option, figures) -
     assert all(isinstance(r, PoolTimeout) for r in results), results
     exc = results[0]
     assert isinstance(exc, PoolTimeout)
-    assert "'default'" in str(exc) and f"all {MAX_SIZE} connections" in str(exc)
+    assert "'default'" in str(exc)
+    assert f"all {MAX_SIZE} connections" in str(exc)
     assert (exc.alias, exc.max_size, exc.timeout) == ("default", MAX_SIZE, 0.5)
 
     release.set()
@@ -53,5 +54,9 @@ async def test_waiters_beyond_pool_size_get_pool_timeout(pool_option, figures) -
     stats = pool_stats("default")
     assert stats["pool_size"] <= MAX_SIZE
     assert stats.get("requests_waiting", 0) == 0
-    figures(max_size=MAX_SIZE, waiters=WAITERS, pool_timeouts=len(results),
-            requests_errors=stats.get("requests_errors", 0))
+    figures(
+        max_size=MAX_SIZE,
+        waiters=WAITERS,
+        pool_timeouts=len(results),
+        requests_errors=stats.get("requests_errors", 0),
+    )

@@ -28,13 +28,12 @@ KILL_ROUNDS = scaled(3, 20)
 
 async def one_op(pids: set[int]) -> None:
     """A short transaction of two statements, recording the session it ran on."""
-    async with async_atomic():
-        async with async_connections["default"].cursor() as cur:
-            await cur.execute("SELECT pg_backend_pid()")
-            row = await cur.fetchone()
-            assert row is not None
-            pids.add(row[0])
-            await cur.execute("SELECT pg_sleep(0.005)")
+    async with async_atomic(), async_connections["default"].cursor() as cur:
+        await cur.execute("SELECT pg_backend_pid()")
+        row = await cur.fetchone()
+        assert row is not None
+        pids.add(row[0])
+        await cur.execute("SELECT pg_sleep(0.005)")
 
 
 async def terminate(watch: psycopg.AsyncConnection[Any], pids: set[int]) -> int:

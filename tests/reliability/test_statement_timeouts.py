@@ -18,6 +18,8 @@ pytestmark = pytest.mark.usefixtures("read_only_db")
 async def run(sql: str) -> object:
     async with async_connections["default"].cursor() as cur:
         await cur.execute(sql)
+        if cur.description is None:
+            return None
         row = await cur.fetchone()
         return row[0] if row else None
 
@@ -42,10 +44,14 @@ async def test_statement_timeout_from_options(db_options) -> None:
 
 async def test_set_local_statement_timeout_in_async_atomic() -> None:
     async with asyncio.timeout(30):
-        with pytest.raises(OperationalError) as info:
+
+        async def block() -> None:
             async with async_atomic():
                 await run("SET LOCAL statement_timeout = 200")
                 await run("SELECT pg_sleep(5)")
+
+        with pytest.raises(OperationalError) as info:
+            await block()
         assert isinstance(info.value.__cause__, psycopg.errors.QueryCanceled)
         assert not async_connections["default"].in_atomic_block
         assert await run("SHOW statement_timeout") == "0"  # SET LOCAL ended with the block
