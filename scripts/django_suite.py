@@ -59,6 +59,7 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -77,6 +78,7 @@ CACHE = ROOT / ".cache"
 SDIST_CACHE = CACHE / "django-sdist"
 SUITE_CACHE = CACHE / "django-suite"
 DOCS = ROOT / "docs" / "compatibility.md"
+KEEP_RUNS = 10  # run directories (logs, JSON lines) kept in .cache/django-suite/runs
 
 OURS = "django_async_db.backends.postgresql"
 STOCK = "django.db.backends.postgresql"
@@ -283,9 +285,8 @@ OPEN_BUGS: dict[str, str] = {
 }
 
 # Differences between the stock backend and ours that are limitations by design,
-# each with its reason. A key is a test id or an fnmatch pattern; a difference
-# listed here does not fail
-# the run. Bugs are not listed: they stay failures until fixed.
+# each with its reason. A key is a test id or an fnmatch pattern (as in OPEN_BUGS);
+# a difference listed here does not fail the run. Bugs go to OPEN_BUGS instead.
 KNOWN_DIFFERENCES: dict[str, str] = {}
 
 # How a test outcome sorts when merging several reports for one test.
@@ -1286,15 +1287,25 @@ def markdown_tables(run: dict[str, Any]) -> str:
             out.append("| " + " | ".join(cells) + " |")
     hops = probe_violations(ours)
     if hops:
+        by_origin: dict[str, list[str]] = {}
+        for test_id, bad, _why in hops:
+            for mode, n in bad.items():
+                by_origin.setdefault(mode.removeprefix("thread-hop "), []).append(
+                    f"`{test_id}` ({n})"
+                )
         out += [
             "",
-            "Tests whose database work, on our ENGINE, left the loop thread through a Django "
-            "async API (by the file that called `sync_to_async()`):",
+            "Database calls that, on our ENGINE, left the loop thread through a Django async "
+            "API, by the file that called `sync_to_async()` (calls per test in brackets):",
             "",
         ]
-        for test_id, bad, why in hops:
-            shown = ", ".join(f"{m.removeprefix('thread-hop ')} ({n})" for m, n in bad.items())
-            out.append(f"- `{test_id}`: {shown}: {why or '**not expected**'}")
+        for origin, tests in sorted(by_origin.items()):
+            known = (
+                "known limitation, see [Known limitations](#known-limitations)"
+                if origin in KNOWN_THREAD_HOPS
+                else "**not expected**"
+            )
+            out.append(f"- `{origin}`: {known}; {', '.join(tests)}.")
     diffs = run["differences"]
     out += ["", f"Tests whose outcome differs: {len(diffs)}."]
     if diffs:
@@ -1585,6 +1596,8 @@ def main(argv: list[str]) -> int:
     run_id = secrets.token_hex(4)
     run_dir = SUITE_CACHE / "runs" / f"{time.strftime('%Y%m%d-%H%M%S')}-{run_id}"
     run_dir.mkdir(parents=True)
+    for old in sorted((SUITE_CACHE / "runs").iterdir())[:-KEEP_RUNS]:
+        shutil.rmtree(old, ignore_errors=True)  # logs of older runs
     info(
         f"Django {version} (Python {platform.python_version()}), run {run_id}, "
         f"{len(labels)} labels, {args.jobs} jobs; logs in {run_dir.relative_to(ROOT)}/"

@@ -20,6 +20,7 @@ import asyncio
 import contextvars
 import functools
 import os
+import sys
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, ParamSpec, TypeVar, cast
 
@@ -29,8 +30,8 @@ from greenlet import getcurrent, greenlet
 __all__ = [
     "SYNC_ONLY_MESSAGE",
     "await_only",
-    "bridge_async_unsafe",
     "in_bridge",
+    "install_async_unsafe_hook",
     "run_sync",
 ]
 
@@ -49,12 +50,11 @@ SYNC_ONLY_MESSAGE = (
 class _BridgeGreenlet(greenlet):  # type: ignore[misc]
     """A greenlet running sync code on behalf of the coroutine in ``driver``."""
 
-    __slots__ = ("allow_sync", "driver")
+    __slots__ = ("driver",)
 
     def __init__(self, fn: Callable[..., Any], driver: greenlet) -> None:
         super().__init__(fn, driver)
         self.driver = driver
-        self.allow_sync = 0
         # Share the task's contextvars: the sync code sees the same context
         # (and therefore the same task-owned connections) as the caller.
         self.gr_context = driver.gr_context  # type: ignore[misc]
@@ -174,58 +174,44 @@ def _loop_running() -> bool:
     return True
 
 
-def bridge_async_unsafe(func: Callable[P, T], message: str = SYNC_ONLY_MESSAGE) -> Callable[P, T]:
-    """Mark ``func`` async-unsafe, but allow it inside :func:`run_sync`.
-
-    Django's ``@async_unsafe`` refuses any call made while an event loop runs in
-    the thread. Inside a bridge that refusal is wrong (the I/O is async), so
-    this version allows calls from a bridge greenlet or with no running loop
-    and raises ``SynchronousOnlyOperation`` naming the fix otherwise. Like
-    Django's, it honours ``DJANGO_ALLOW_ASYNC_UNSAFE``.
-    """
-
-    @functools.wraps(func)
-    def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-        if (
-            type(getcurrent()) is not _BridgeGreenlet
-            and _loop_running()
-            and not os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE")
-        ):
-            raise SynchronousOnlyOperation(message)
-        return func(*args, **kwargs)
-
-    return inner
-
-
-def call_allowing_sync(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
-    """Call ``func``, letting Django's own ``@async_unsafe`` checks pass inside a bridge.
-
-    For Django methods that cannot be reached through ``__wrapped__`` because
-    something re-wrapped them (Django's and pytest-django's test-time
-    ``ensure_connection`` patches). Outside a bridge it is a plain call.
-    """
-    current = getcurrent()
-    if type(current) is not _BridgeGreenlet:
-        return func(*args, **kwargs)
-    current.allow_sync += 1
-    try:
-        return func(*args, **kwargs)
-    finally:
-        current.allow_sync -= 1
+#: Classes whose ``@async_unsafe`` methods may run inside a bridge (the backend
+#: registers its DatabaseWrapper): :func:`install_async_unsafe_hook`.
+_bridge_aware: tuple[type, ...] = ()
 
 
 def _django_get_running_loop() -> asyncio.AbstractEventLoop:
-    """``get_running_loop`` as Django's ``async_unsafe`` sees it."""
-    current = getcurrent()
-    if type(current) is _BridgeGreenlet and current.allow_sync:
+    """``get_running_loop`` as Django's ``@async_unsafe`` checks see it.
+
+    Django calls it from the guard around ``connect()``, ``cursor()``,
+    ``commit()``... of a database wrapper. For a bridge-aware wrapper the
+    answer depends on where the call comes from: inside a bridge "no loop"
+    (the call is allowed: its I/O is async); in plain async code an error that
+    names the fix. Other wrappers get the real answer, so Django's own check
+    and message apply to them, bridge or not. Without a running loop this is
+    just ``asyncio.get_running_loop()``: sync code pays nothing more.
+    """
+    loop = asyncio.get_running_loop()
+    args = sys._getframe(1).f_locals.get("args")  # the guard's (self, ...) arguments
+    if not args or not isinstance(args[0], _bridge_aware):
+        return loop
+    if type(getcurrent()) is _BridgeGreenlet:
         raise RuntimeError("no running event loop")
-    return asyncio.get_running_loop()
+    if os.environ.get("DJANGO_ALLOW_ASYNC_UNSAFE"):
+        return loop
+    raise SynchronousOnlyOperation(SYNC_ONLY_MESSAGE)
 
 
-def install_async_unsafe_hook() -> None:
-    """Let :func:`call_allowing_sync` open Django's ``@async_unsafe`` checks (idempotent)."""
+def install_async_unsafe_hook(*wrapper_classes: type) -> None:
+    """Make Django's ``@async_unsafe`` guards bridge-aware for ``wrapper_classes``.
+
+    The guards stay Django's own (so anything that patches the guarded methods
+    later, such as test tools or error trackers, still applies); only the
+    ``get_running_loop`` they consult is replaced.
+    """
     import django.utils.asyncio
 
+    global _bridge_aware
+    _bridge_aware = tuple({*_bridge_aware, *wrapper_classes})
     django.utils.asyncio.get_running_loop = _django_get_running_loop  # type: ignore[attr-defined]
 
 

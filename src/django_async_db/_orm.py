@@ -61,7 +61,6 @@ _SYNC_TO_ASYNC_MODULES = (
     "django.contrib.sessions.backends.base",
     "django.contrib.sessions.backends.db",
     "django.contrib.auth.backends",
-    "django.dispatch.dispatcher",
     "django.core.paginator",
 )
 
@@ -148,6 +147,60 @@ def bridged_sync_to_async(
 
     inner.__wrapped__ = func  # type: ignore[attr-defined]
     return inner
+
+
+def _sync_to_async_in_transactions(
+    func: Callable[..., Any] | None = None,
+    *,
+    thread_sensitive: bool = True,
+    executor: Any = None,
+    context: Any = None,
+) -> Any:
+    """``sync_to_async`` for the signal dispatcher's ``asend()``.
+
+    Sync receivers run in the sending task through the bridge (so
+    ``user_logged_in``'s ``update_last_login`` after ``alogin()`` is a native
+    query), except for the request lifecycle signals outside a transaction:
+    Django's ASGI handler relies on ``request_started``/``request_finished``
+    receivers running in its thread-sensitive worker, in order with the
+    request's sync code (``close_old_connections`` of that thread ...).
+    """
+    if func is None:
+        return functools.partial(
+            _sync_to_async_in_transactions,
+            thread_sensitive=thread_sensitive,
+            executor=executor,
+            context=context,
+        )
+    stock = asgiref_sync.sync_to_async(
+        func, thread_sensitive=thread_sensitive, executor=executor, context=context
+    )
+
+    lifecycle = _signal_of(func) in _request_lifecycle_signals()
+
+    async def inner(*args: Any, **kwargs: Any) -> Any:
+        if not lifecycle or _in_our_atomic_block():
+            return await run_sync(func, *args, **kwargs)
+        return await stock(*args, **kwargs)
+
+    inner.__wrapped__ = func  # type: ignore[attr-defined]
+    return inner
+
+
+def _signal_of(func: Callable[..., Any]) -> Any:
+    """Return the Signal a dispatcher closure (``asend``'s ``sync_send``) belongs to."""
+    code = getattr(func, "__code__", None)
+    closure = getattr(func, "__closure__", None)
+    if code is None or not closure or "self" not in code.co_freevars:
+        return None
+    return closure[code.co_freevars.index("self")].cell_contents
+
+
+@functools.cache
+def _request_lifecycle_signals() -> tuple[Any, ...]:
+    from django.core import signals
+
+    return (signals.request_started, signals.request_finished)
 
 
 def bridged_async_to_sync(
@@ -416,6 +469,12 @@ def install() -> None:
         module = importlib.import_module(name)
         if getattr(module, "sync_to_async", None) is asgiref_sync.sync_to_async:
             module.sync_to_async = bridged_sync_to_async  # type: ignore[attr-defined]
+    # Signal.asend() runs sync receivers (request_started/finished, user code)
+    # through asgiref's worker thread; only inside a transaction on this ENGINE
+    # must they run in the sending task (to see and join the transaction).
+    dispatcher_module = importlib.import_module("django.dispatch.dispatcher")
+    if getattr(dispatcher_module, "sync_to_async", None) is asgiref_sync.sync_to_async:
+        dispatcher_module.sync_to_async = _sync_to_async_in_transactions  # type: ignore[attr-defined]
     asgiref_sync.AsyncToSync.__call__ = _bridge_aware_call(  # type: ignore[method-assign]
         asgiref_sync.AsyncToSync.__call__
     )

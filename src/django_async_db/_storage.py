@@ -161,7 +161,11 @@ async def _release(wrappers: list[Any]) -> None:
         if wrapper.connection is None:
             continue
         try:
-            await run_sync_shielded(wrapper.close)
+            view = wrapper.detach_idle_connection()
+            if view is not None:  # nothing to run on it: straight back to the pool
+                await view._pool.aputconn(view)
+            else:
+                await run_sync_shielded(wrapper.close)
         except Exception:  # a failed release must not stop the others
             logger.exception("Releasing the connection of alias %r failed.", wrapper.alias)
 

@@ -108,7 +108,8 @@ async def test_outside_an_event_loop_it_is_the_stock_sync_backend():
         ("chunked_cursor", ()),
     ],
 )
-async def test_async_unsafe_methods_refuse_calls_outside_a_bridge(method, args):
+async def test_async_unsafe_methods_refuse_calls_outside_a_bridge(read_only_db, method, args):
+    # (read_only_db lifts pytest-django's blocker, which would refuse first.)
     wrapper = connections["default"]
     with pytest.raises(SynchronousOnlyOperation, match="run_sync"):
         getattr(wrapper, method)(*args)
@@ -238,3 +239,31 @@ async def test_bridge_lock_waits_on_the_loop_not_the_thread():
     await asyncio.gather(run_sync(first), run_sync(second), observer())
     assert order == ["first holds", "loop still runs", "first releases", "second holds"]
     assert not lock.locked()
+
+
+@db
+async def test_methods_patched_after_import_reach_this_backend(monkeypatch):
+    # Error trackers and test tools patch BaseDatabaseWrapper after the backend
+    # is imported: the patch must still wrap this backend's calls in a bridge.
+    from django.db.backends.base.base import BaseDatabaseWrapper
+
+    calls = []
+    original = BaseDatabaseWrapper.cursor
+
+    def traced_cursor(self, *args, **kwargs):
+        calls.append(self.alias)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(BaseDatabaseWrapper, "cursor", traced_cursor)
+    assert await Author.objects.acount() >= 0
+    assert calls == ["default"]
+
+
+async def test_a_stock_backend_still_refuses_inside_a_bridge(read_only_db):
+    # Only this ENGINE's wrappers may run on the loop; a stock one keeps
+    # Django's guard (its I/O would block the loop).
+    from django.db.backends.postgresql.base import DatabaseWrapper as StockWrapper
+
+    stock = StockWrapper(dict(connections.settings["default"]), alias="stock")
+    with pytest.raises(SynchronousOnlyOperation, match="sync_to_async"):
+        await run_sync(stock.cursor)

@@ -15,17 +15,12 @@ from typing import Any
 
 import psycopg
 from django.core.exceptions import ImproperlyConfigured
-from django.db.backends.base.base import NO_DB_ALIAS, BaseDatabaseWrapper
+from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as pg_base
 from psycopg import pq
 
 from ... import _bridge
-from ..._bridge import (
-    bridge_async_unsafe,
-    call_allowing_sync,
-    in_bridge,
-    install_async_unsafe_hook,
-)
+from ..._bridge import in_bridge, install_async_unsafe_hook
 from ..._pool import AsyncPool, close_soon, discard_pool, get_pool
 from ..._storage import install, release_idle
 from ._psycopg import BridgeConnection
@@ -43,28 +38,8 @@ class _PsycopgModule(types.ModuleType):
         return getattr(psycopg, name)
 
 
-install_async_unsafe_hook()
 _Database = _PsycopgModule("psycopg")
 setattr(_Database, "__version__", psycopg.__version__)  # noqa: B010 - a module attribute
-
-# Django guards these with @async_unsafe, which refuses any call while a loop
-# runs in the thread. They are re-applied with a check that allows calls made
-# from inside a bridge (their I/O is async there).
-_ASYNC_UNSAFE = (
-    "connect",
-    "ensure_connection",
-    "cursor",
-    "commit",
-    "rollback",
-    "close",
-    "savepoint",
-    "savepoint_rollback",
-    "savepoint_commit",
-    "clean_savepoints",
-    "get_new_connection",
-    "create_cursor",
-    "chunked_cursor",
-)
 
 
 class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
@@ -144,7 +119,7 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
                 close_soon(pool)
 
     def create_cursor(self, name: str | None = None) -> Any:
-        cursor = pg_base.DatabaseWrapper.create_cursor.__wrapped__(self, name)  # type: ignore[attr-defined]
+        cursor = super().create_cursor(name)
         if name and self.connection.autocommit:
             # DECLARE ... WITH HOLD outlives its transaction: _close() closes it.
             self._held_cursors = True
@@ -168,15 +143,27 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         finally:
             super()._close()  # type: ignore[misc]
 
-    def ensure_connection(self) -> None:
-        # Looked up at call time so that test tools replacing the base method
-        # (pytest-django's database blocker) still apply to this backend.
-        call_allowing_sync(BaseDatabaseWrapper.ensure_connection, self)
+    def detach_idle_connection(self) -> BridgeConnection | None:
+        """Take the connection off a finished task's wrapper if giving it back needs no query.
+
+        The cheap path of the end-of-task release: outside any atomic block,
+        with no held cursor and nobody on the connection, Django's ``close()``
+        would only hand it to the pool, which the caller now does directly.
+        Returns None when the full ``close()`` (in a bridge) is needed.
+        """
+        conn = self.connection
+        if (
+            conn is None
+            or self._loop is None
+            or self.in_atomic_block
+            or self._held_cursors
+            or conn.lock.locked()
+            or not isinstance(conn, BridgeConnection)
+        ):
+            return None
+        self.connection = None
+        self.run_on_commit = []
+        return conn
 
 
-for _name in _ASYNC_UNSAFE:
-    _original = getattr(DatabaseWrapper, _name)
-    setattr(
-        DatabaseWrapper, _name, bridge_async_unsafe(getattr(_original, "__wrapped__", _original))
-    )
-del _name, _original
+install_async_unsafe_hook(DatabaseWrapper)
