@@ -241,48 +241,7 @@ KNOWN_THREAD_HOPS: dict[str, str] = {
 
 # Differences that are bugs in django-async-db: explained here (and in the docs),
 # but they still fail the run until they are fixed.
-OPEN_BUGS: dict[str, str] = {
-    "backends.postgresql.tests.Tests.test_nodb_cursor*": (
-        "The backend re-applies Django's `@async_unsafe` methods (`connect`, `cursor`, "
-        "`commit`, `rollback`, `close`, `savepoint*`, `create_cursor`, `chunked_cursor` "
-        "...) on its `DatabaseWrapper` subclass, with the function found on the base class "
-        "when `backends/postgresql/base.py` is imported (unwrapped through `__wrapped__`). "
-        "Replacing `BaseDatabaseWrapper.connect` later (these tests mock it; Sentry's and "
-        "other APM integrations wrap it to time connections) does not reach this ENGINE, "
-        "and a wrapper installed before the import, with `functools.wraps`, is skipped "
-        "through its `__wrapped__`."
-    ),
-    "test_utils.tests.AssertNumQueriesUponConnectionTests."
-    "test_ignores_connection_configuration_queries": (
-        "`DatabaseWrapper.ensure_connection` is overridden to call "
-        "`BaseDatabaseWrapper.ensure_connection` looked up at call time, with `self` "
-        "passed explicitly. The test replaces the base method with a `MagicMock` (not a "
-        "descriptor), so the mock gets an extra argument (`TypeError`); and the test's "
-        "`real_ensure_connection`, captured before the patch, is the override itself, so "
-        "any call-time lookup recurses into the mock. Only a subclass that does not "
-        "override the method behaves like Django's here."
-    ),
-    "asgi.tests.ASGITest.test_asyncio_cancel_error": (
-        "The package re-points `sync_to_async` in `django.dispatch.dispatcher`, so "
-        "`Signal.asend()` runs *sync* receivers on the event loop, in a bridge, instead of "
-        "in asgiref's thread-sensitive worker. When a client disconnects, Django's "
-        "`ASGIHandler` sends `request_finished` with `asend()`: its receivers now run on "
-        "the loop thread, which this test forbids."
-    ),
-    "asgi.tests.ASGITest.test_request_lifecycle_signals_dispatched_with_thread_sensitive": (
-        "Same cause: `request_started` is sent with `asend()`, so its sync receivers (such "
-        "as `close_old_connections`) run on the loop thread, while `request_finished` "
-        "(sent by `response.close()` in the request's thread-sensitive thread) runs in "
-        "that thread. Django requires both in the same thread."
-    ),
-    "asgi.tests.ASGITest.test_cancel_post_request_with_sync_processing": (
-        "Same cause, with a visible effect: after a disconnect, stock Django's "
-        "`request_finished.asend()` queues behind the still-running sync view in the "
-        "request's single-thread executor, so the request body is closed only after the "
-        "view is done. Run on the loop, it returns at once, the handler closes the body, "
-        "and the sync view fails with `ValueError: I/O operation on closed file`."
-    ),
-}
+OPEN_BUGS: dict[str, str] = {}
 
 # Differences between the stock backend and ours that are limitations by design,
 # each with its reason. A key is a test id or an fnmatch pattern (as in OPEN_BUGS);
@@ -1419,6 +1378,24 @@ def write_docs(runs: dict[str, dict[str, Any]]) -> None:
         parts += [f"- `{pattern}`: {reason}", ""]
     if not OPEN_BUGS:
         parts += ["None.", ""]
+    parts += [
+        "## Bugs this comparison found (fixed)",
+        "",
+        "- `backends.postgresql.tests.Tests.test_nodb_cursor*`: the backend copied Django's "
+        "`@async_unsafe` methods onto its subclass at import time, so later patches of "
+        "`BaseDatabaseWrapper` (these tests' mocks, error trackers wrapping `connect`/`cursor`) "
+        "never reached it. Django's guards are now left in place and only the "
+        "`get_running_loop` they consult is bridge-aware (docs/design.md).",
+        "- `test_utils.tests.AssertNumQueriesUponConnectionTests."
+        "test_ignores_connection_configuration_queries`: an `ensure_connection` override broke "
+        "a `MagicMock` patch of the base method; the override is gone (same fix).",
+        "- `asgi.tests.ASGITest.test_asyncio_cancel_error`, `test_request_lifecycle_signals_"
+        "dispatched_with_thread_sensitive`, `test_cancel_post_request_with_sync_processing`: "
+        "`Signal.asend()` ran `request_started`/`request_finished` receivers on the loop; they "
+        "run in Django's thread-sensitive worker again (other signals' sync receivers stay in "
+        "the bridge, in the sender's task).",
+        "",
+    ]
     DOCS.write_text("\n".join(parts).rstrip() + "\n", encoding="utf-8")
     info(f"wrote {DOCS.relative_to(ROOT)}")
 
