@@ -114,77 +114,65 @@ def uses_bridge(func: Callable[..., Any], args: Iterable[Any] = ()) -> bool:
     return settings is not None and settings["ENGINE"] == ENGINE
 
 
-def bridged_sync_to_async(
-    func: Callable[..., Any] | None = None,
-    *,
-    thread_sensitive: bool = True,
-    executor: Any = None,
-    context: Any = None,
-) -> Any:
-    """Drop-in for asgiref's ``sync_to_async`` that bridges database work.
+def _bridging_sync_to_async(
+    should_bridge: Callable[[Callable[..., Any], tuple[Any, ...]], bool],
+) -> Callable[..., Any]:
+    """Make a drop-in for asgiref's ``sync_to_async`` that bridges when ``should_bridge``.
 
-    ``thread_sensitive=False`` (CPU work such as password hashing) and
-    callables for aliases on other ENGINEs keep asgiref's thread hop.
+    ``thread_sensitive=False`` (CPU work such as password hashing) and an
+    explicit executor keep asgiref's thread hop.
     """
-    if func is None:
-        return functools.partial(
-            bridged_sync_to_async,
-            thread_sensitive=thread_sensitive,
-            executor=executor,
-            context=context,
-        )
-    if not thread_sensitive or executor is not None:
-        return asgiref_sync.sync_to_async(
-            func, thread_sensitive=thread_sensitive, executor=executor, context=context
-        )
 
-    # Django calls sync_to_async(method)(...) on every a* call: build nothing
-    # up front (no SyncToAsync, no functools.wraps) on the bridged path.
-    async def inner(*args: Any, **kwargs: Any) -> Any:
-        if uses_bridge(func, args):
-            return await run_sync(func, *args, **kwargs)
-        return await asgiref_sync.sync_to_async(func, context=context)(*args, **kwargs)
+    def sync_to_async(
+        func: Callable[..., Any] | None = None,
+        *,
+        thread_sensitive: bool = True,
+        executor: Any = None,
+        context: Any = None,
+    ) -> Any:
+        if func is None:
+            return functools.partial(
+                sync_to_async,
+                thread_sensitive=thread_sensitive,
+                executor=executor,
+                context=context,
+            )
+        if not thread_sensitive or executor is not None:
+            return asgiref_sync.sync_to_async(
+                func, thread_sensitive=thread_sensitive, executor=executor, context=context
+            )
 
-    inner.__wrapped__ = func  # type: ignore[attr-defined]
-    return inner
+        # Django calls sync_to_async(method)(...) on every a* call: build nothing
+        # up front (no SyncToAsync, no functools.wraps) on the bridged path.
+        async def inner(*args: Any, **kwargs: Any) -> Any:
+            if should_bridge(func, args):
+                return await run_sync(func, *args, **kwargs)
+            return await asgiref_sync.sync_to_async(func, context=context)(*args, **kwargs)
+
+        inner.__wrapped__ = func  # type: ignore[attr-defined]
+        return inner
+
+    return sync_to_async
 
 
-def _sync_to_async_in_transactions(
-    func: Callable[..., Any] | None = None,
-    *,
-    thread_sensitive: bool = True,
-    executor: Any = None,
-    context: Any = None,
-) -> Any:
-    """``sync_to_async`` for the signal dispatcher's ``asend()``.
+#: ``sync_to_async`` for Django's ORM modules: bridged when the alias involved
+#: uses this ENGINE (:func:`uses_bridge`), asgiref's thread hop otherwise.
+bridged_sync_to_async = _bridging_sync_to_async(uses_bridge)
 
-    Sync receivers run in the sending task through the bridge (so
-    ``user_logged_in``'s ``update_last_login`` after ``alogin()`` is a native
-    query), except for the request lifecycle signals outside a transaction:
-    Django's ASGI handler relies on ``request_started``/``request_finished``
-    receivers running in its thread-sensitive worker, in order with the
-    request's sync code (``close_old_connections`` of that thread ...).
+
+def _dispatcher_bridges(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """Decide for ``Signal.asend()``'s sync receivers (its ``sync_send`` closure).
+
+    They run in the sending task through the bridge (so ``alogin()``'s
+    ``update_last_login`` is a native query), except the request lifecycle
+    signals outside a transaction: Django's ASGI handler relies on
+    ``request_started``/``request_finished`` receivers running in its
+    thread-sensitive worker, in order with the request's sync code.
     """
-    if func is None:
-        return functools.partial(
-            _sync_to_async_in_transactions,
-            thread_sensitive=thread_sensitive,
-            executor=executor,
-            context=context,
-        )
-    stock = asgiref_sync.sync_to_async(
-        func, thread_sensitive=thread_sensitive, executor=executor, context=context
-    )
+    return _signal_of(func) not in _request_lifecycle_signals() or _in_our_atomic_block()
 
-    lifecycle = _signal_of(func) in _request_lifecycle_signals()
 
-    async def inner(*args: Any, **kwargs: Any) -> Any:
-        if not lifecycle or _in_our_atomic_block():
-            return await run_sync(func, *args, **kwargs)
-        return await stock(*args, **kwargs)
-
-    inner.__wrapped__ = func  # type: ignore[attr-defined]
-    return inner
+_sync_to_async_in_transactions = _bridging_sync_to_async(_dispatcher_bridges)
 
 
 def _signal_of(func: Callable[..., Any]) -> Any:
