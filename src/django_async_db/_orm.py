@@ -115,7 +115,7 @@ def uses_bridge(func: Callable[..., Any], args: Iterable[Any] = ()) -> bool:
 
 
 def _bridging_sync_to_async(
-    should_bridge: Callable[[Callable[..., Any], tuple[Any, ...]], bool],
+    should_bridge: Callable[[Callable[..., Any], tuple[Any, ...]], bool], name: str
 ) -> Callable[..., Any]:
     """Make a drop-in for asgiref's ``sync_to_async`` that bridges when ``should_bridge``.
 
@@ -152,12 +152,13 @@ def _bridging_sync_to_async(
         inner.__wrapped__ = func  # type: ignore[attr-defined]
         return inner
 
+    sync_to_async.__name__ = sync_to_async.__qualname__ = name
     return sync_to_async
 
 
 #: ``sync_to_async`` for Django's ORM modules: bridged when the alias involved
 #: uses this ENGINE (:func:`uses_bridge`), asgiref's thread hop otherwise.
-bridged_sync_to_async = _bridging_sync_to_async(uses_bridge)
+bridged_sync_to_async = _bridging_sync_to_async(uses_bridge, "bridged_sync_to_async")
 
 
 def _dispatcher_bridges(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
@@ -172,7 +173,9 @@ def _dispatcher_bridges(func: Callable[..., Any], args: tuple[Any, ...]) -> bool
     return _signal_of(func) not in _request_lifecycle_signals() or _in_our_atomic_block()
 
 
-_sync_to_async_in_transactions = _bridging_sync_to_async(_dispatcher_bridges)
+_sync_to_async_in_transactions = _bridging_sync_to_async(
+    _dispatcher_bridges, "_sync_to_async_in_transactions"
+)
 
 
 def _signal_of(func: Callable[..., Any]) -> Any:
