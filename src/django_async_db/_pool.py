@@ -177,12 +177,21 @@ class AsyncPool:
             conn = await self._connect()
         else:
             await self.aopen()
+            task = asyncio.current_task()
+            cancels = task.cancelling() if task is not None else 0
             try:
                 conn = await self._pool.getconn()
             except psycopg_pool.PoolTimeout as exc:
                 raise PoolTimeout(
                     self.alias, self._pool.max_size, self._pool.timeout, self.checked_out
                 ) from exc
+            if task is not None and task.cancelling() > cancels:
+                # Cancelled while waiting, but the connection arrived at the same
+                # moment and the wait returned it: Python 3.11's wait_for(), used
+                # by psycopg_pool, swallows the cancellation then (CPython
+                # gh-86296). Honour it: give the connection back and stop.
+                await self._pool.putconn(conn)
+                raise asyncio.CancelledError
         self.checked_out += 1
         view = conn.view
         view._pool = self  # type: ignore[assignment]  # Django's _close() returns it here
