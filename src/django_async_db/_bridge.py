@@ -18,10 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextvars
-import functools
 import os
 import sys
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar, cast
 
 from django.core.exceptions import SynchronousOnlyOperation
@@ -213,15 +212,3 @@ def install_async_unsafe_hook(*wrapper_classes: type) -> None:
     global _bridge_aware
     _bridge_aware = tuple({*_bridge_aware, *wrapper_classes})
     django.utils.asyncio.get_running_loop = _django_get_running_loop  # type: ignore[attr-defined]
-
-
-def sync_to_bridge(
-    func: Callable[P, T],
-) -> Callable[P, Coroutine[Any, Any, T]]:
-    """Return an async function that runs ``func`` through :func:`run_sync`."""
-
-    @functools.wraps(func)
-    async def inner(*args: P.args, **kwargs: P.kwargs) -> T:
-        return await run_sync(func, *args, **kwargs)
-
-    return inner

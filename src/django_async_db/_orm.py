@@ -7,18 +7,14 @@ which runs the sync method with :func:`~django_async_db.run_sync` (same task,
 same connection and transaction, no thread) when the database alias involved
 uses this package's ENGINE, and keeps asgiref's thread hop otherwise.
 
-Signals: ``send()`` reaches async receivers through ``async_to_sync``, which
-cannot work inside a bridge (the loop runs in this thread); the dispatcher's
-``async_to_sync`` is re-pointed to await them through the bridge instead, and
-inside an atomic block on this ENGINE async receivers run one after another
-in the sending task, so they share its transaction.
-
-Any other sync code calling ``async_to_sync(fn)(...)`` inside a bridge (a
-Channels ``group_send`` in a ``post_save`` receiver ...) would get asgiref's
-"You cannot use AsyncToSync in the same thread as an async event loop": inside
-a bridge, ``AsyncToSync.__call__`` awaits ``fn(...)`` in the calling task
-instead (same connection and transaction), and keeps asgiref's behaviour
-everywhere else.
+``async_to_sync(fn)(...)`` called inside a bridge (the dispatcher's ``send()``
+reaching async receivers, a Channels ``group_send`` in a ``post_save``
+receiver ...) would get asgiref's "You cannot use AsyncToSync in the same
+thread as an async event loop": inside a bridge, ``AsyncToSync.__call__``
+awaits ``fn(...)`` in the calling task instead (same connection and
+transaction), and keeps asgiref's behaviour everywhere else. Inside an atomic
+block on this ENGINE, async receivers run one after another in the sending
+task, so they share its transaction.
 
 Streaming: ``aiterator()`` reads through a server-side cursor, one bridge call
 per chunk, like ``iterator()``. Django's version never closes that cursor when
@@ -46,7 +42,7 @@ from django.db import DEFAULT_DB_ALIAS, DatabaseError, connections, router
 
 from ._bridge import await_only, in_bridge, run_sync, run_sync_shielded
 
-__all__ = ["bridged_async_to_sync", "bridged_sync_to_async", "install", "uses_bridge"]
+__all__ = ["bridged_sync_to_async", "install", "uses_bridge"]
 
 ENGINE = "django_async_db.backends.postgresql"
 
@@ -192,21 +188,6 @@ def _request_lifecycle_signals() -> tuple[Any, ...]:
     from django.core import signals
 
     return (signals.request_started, signals.request_finished)
-
-
-def bridged_async_to_sync(
-    awaitable: Callable[..., Coroutine[Any, Any, Any]], *, force_new_loop: bool = False
-) -> Callable[..., Any]:
-    """Drop-in for asgiref's ``async_to_sync`` that awaits through the bridge when inside one."""
-    stock = asgiref_sync.async_to_sync(awaitable, force_new_loop=force_new_loop)
-
-    @functools.wraps(awaitable)
-    def inner(*args: Any, **kwargs: Any) -> Any:
-        if in_bridge():
-            return await_only(awaitable(*args, **kwargs))
-        return stock(*args, **kwargs)
-
-    return inner
 
 
 def _bridge_aware_call(original: Callable[..., Any]) -> Callable[..., Any]:
@@ -477,7 +458,6 @@ def install() -> None:
     aiterator.__qualname__ = "QuerySet.aiterator"
     query.QuerySet.aiterator = aiterator
     dispatcher = importlib.import_module("django.dispatch.dispatcher")
-    dispatcher.async_to_sync = bridged_async_to_sync  # type: ignore[attr-defined]
     if hasattr(dispatcher, "_run_parallel"):
         dispatcher._run_parallel = _in_task_when_atomic(dispatcher._run_parallel)  # type: ignore[attr-defined]
     else:

@@ -150,11 +150,6 @@ class AsyncPool:
                 ) from exc
             self._opened = False
 
-    @property
-    def max_size(self) -> int:
-        """Return the most connections this pool opens (0 when unpooled)."""
-        return self._pool.max_size if self._pool is not None else 0
-
     async def _configure(self, conn: PooledAsyncConnection) -> None:
         self._conns.add(conn)
         conn.view_kwargs = self._view_kwargs
