@@ -13,7 +13,7 @@ import pytest
 import pytest_asyncio
 from django.db import connections
 
-from django_async_db import async_connections
+from django_async_db import _pool, async_connections
 
 
 @pytest_asyncio.fixture(scope="session", loop_scope="session", autouse=True)
@@ -74,6 +74,7 @@ def thread_probe() -> Iterator[Callable[[], set[int]]]:
         wrappers.append(self)
 
     BaseDatabaseWrapper.__init__ = init  # type: ignore[method-assign]
+    _pool.new_generation()  # wrappers earlier tasks left are not reused: new ones get the probe
     existing = [c for c in connections.all(initialized_only=True)]
     for conn in existing:
         conn.execute_wrappers.append(probe)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg_pool
 from django.core.exceptions import ImproperlyConfigured
+from django.core.signals import setting_changed
 from psycopg_pool.pool_async import MaintenanceTask, StopWorker
 
 from ._bridge import await_only, run_sync
@@ -26,14 +27,39 @@ from .exceptions import PoolTimeout
 if TYPE_CHECKING:
     from .backends.postgresql.base import DatabaseWrapper
 
-__all__ = ["AsyncPool", "close_pools", "get_pool", "pool_stats", "terminate_pools"]
+__all__ = [
+    "AsyncPool",
+    "close_pools",
+    "get_pool",
+    "pool_stats",
+    "reuse_wrapper",
+    "terminate_pools",
+]
 
 #: Used when ``OPTIONS["pool"]`` is absent or ``True``.
 DEFAULT_POOL_OPTIONS: dict[str, Any] = {"min_size": 1, "max_size": 20, "timeout": 30.0}
 # Keys the backend sets itself; a user value would be silently ignored or break it.
 _RESERVED = frozenset({"conninfo", "kwargs", "connection_class", "open", "configure"})
 
+#: How long a finished task's wrapper keeps its connection for the next task on
+#: the loop before the connection goes back to psycopg_pool (where its
+#: max_idle, max_lifetime and shrinking apply again).
+PARK_SECONDS = 1.0
+
 logger = logging.getLogger("django_async_db")
+
+# Bumped by any setting change: parked wrappers from before it are not reused
+# (their time zone, DEBUG or DATABASES settings may be stale).
+_generation = 0
+
+
+def new_generation(**kwargs: object) -> None:
+    """Make every parked or spare wrapper stale (a setting changed)."""
+    global _generation
+    _generation += 1
+
+
+setting_changed.connect(new_generation, dispatch_uid="django_async_db._pool")
 
 _pools: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, dict[str, AsyncPool]] = (
     weakref.WeakKeyDictionary()
@@ -128,6 +154,15 @@ class AsyncPool:
         self.closed = False
         #: Connections held by tasks right now.
         self.checked_out = 0
+        # Finished tasks' wrappers that still hold their (idle) connection, with
+        # the loop time they were parked and the settings generation, oldest
+        # first: the next task takes the newest one whole. See park().
+        self._parked: list[tuple[DatabaseWrapper, float, int]] = []
+        # Finished tasks' clean wrappers without a connection, for reuse.
+        self._spare: list[tuple[DatabaseWrapper, int]] = []
+        self._flush_handle: asyncio.TimerHandle | None = None
+        self._loop = wrapper._loop
+        self._spare_max = options["max_size"] if options is not None else 0
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
@@ -149,6 +184,8 @@ class AsyncPool:
                     f"Invalid DATABASES[{self.alias!r}]['OPTIONS']['pool']: {exc}."
                 ) from exc
             self._opened = False
+        # Parking skips psycopg_pool's checkout, hence its health check.
+        self._can_park = self._pool is not None and self._pool._check is None
 
     async def _configure(self, conn: PooledAsyncConnection) -> None:
         self._conns.add(conn)
@@ -168,6 +205,15 @@ class AsyncPool:
 
     async def agetconn(self) -> BridgeConnection:
         """Return the sync view of a connection checked out for the current task."""
+        while self._parked:
+            parked, _, generation = self._parked.pop()
+            view = parked.connection
+            parked.connection = None
+            if generation == _generation and not view.closed:
+                self._spare_wrapper(parked)
+                self.checked_out += 1
+                return view  # type: ignore[no-any-return]
+            self._give_back([view])
         if self._pool is None:
             conn = await self._connect()
         else:
@@ -194,16 +240,115 @@ class AsyncPool:
 
     async def aputconn(self, view: BridgeConnection) -> None:
         """Give a connection back (or close it when unpooled)."""
-        conn: PooledAsyncConnection = view.pooled  # type: ignore[attr-defined]
         self.checked_out -= 1
-        if self._pool is None or conn._pool is None:
+        await self._return(view)
+
+    async def _return(self, view: BridgeConnection) -> None:
+        conn: PooledAsyncConnection = view.pooled  # type: ignore[attr-defined]
+        if self._pool is None or conn._pool is None or self.closed:
             await conn.close()
         else:
             await self._pool.putconn(conn)
 
+    # Reuse across tasks on this loop: a request (an ASGI server's task) that
+    # ends with its wrapper clean leaves wrapper and connection to the next
+    # one, which skips making a wrapper (~95k instructions), Django's
+    # connect() and two trips through psycopg_pool's lock.
+
+    def park(self, wrapper: DatabaseWrapper) -> bool:
+        """Keep a finished task's clean wrapper and its idle connection for the next task.
+
+        Not when a task is waiting for a connection in psycopg_pool (it must
+        get this one), nor when the pool checks connections on checkout.
+        """
+        pool = self._pool
+        if not self._can_park or self.closed or pool is None or pool._waiting:
+            return False
+        self._parked.append((wrapper, self._loop.time(), _generation))  # type: ignore[union-attr]
+        self.checked_out -= 1
+        if self._flush_handle is None:
+            self._flush_handle = self._loop.call_later(PARK_SECONDS, self._flush)  # type: ignore[union-attr]
+        return True
+
+    def _spare_wrapper(self, wrapper: DatabaseWrapper) -> None:
+        if len(self._spare) < self._spare_max:
+            self._spare.append((wrapper, _generation))
+
+    def spare(self, wrapper: DatabaseWrapper) -> None:
+        """Keep a finished task's clean wrapper that holds no connection for reuse."""
+        if not self.closed:
+            self._spare_wrapper(wrapper)
+
+    def reuse(self) -> DatabaseWrapper | None:
+        """Return a parked wrapper (connected) or a spare one for a task, or None."""
+        parked = self._parked
+        while parked:
+            wrapper, _, generation = parked.pop()
+            if generation == _generation and not wrapper.connection.closed:
+                self.checked_out += 1
+                wrapper.reuse()
+                return wrapper
+            self._give_back([wrapper.connection])
+            wrapper.connection = None
+        spare = self._spare
+        while spare:
+            wrapper, generation = spare.pop()
+            if generation == _generation:
+                wrapper.reuse()
+                return wrapper
+        return None
+
+    def _flush(self) -> None:
+        """Give the connections parked for longer than PARK_SECONDS back to psycopg_pool."""
+        self._flush_handle = None
+        parked = self._parked
+        cutoff = self._loop.time() - PARK_SECONDS  # type: ignore[union-attr]
+        n = 0
+        while n < len(parked) and parked[n][1] <= cutoff:
+            n += 1
+        if n:
+            old, self._parked = parked[:n], parked[n:]
+            views = []
+            for wrapper, _, _ in old:
+                views.append(wrapper.connection)
+                wrapper.connection = None
+            self._give_back(views)
+        if self._parked:
+            delay = self._parked[0][1] + PARK_SECONDS - self._loop.time()  # type: ignore[union-attr]
+            self._flush_handle = self._loop.call_later(max(delay, 0.0), self._flush)  # type: ignore[union-attr]
+
+    def release(self, view: BridgeConnection) -> None:
+        """Give a task's idle connection back from sync code (a task does the I/O)."""
+        self.checked_out -= 1
+        self._give_back([view])
+
+    def _give_back(self, views: list[BridgeConnection]) -> None:
+        """Return parked connections to psycopg_pool, in a task (from sync code)."""
+        task = self._loop.create_task(self._give_back_all(views))  # type: ignore[union-attr]
+        _closing.add(task)
+        task.add_done_callback(_closing.discard)
+
+    async def _give_back_all(self, views: list[BridgeConnection]) -> None:
+        for view in views:
+            try:
+                await self._return(view)
+            except Exception:  # one failed return must not stop the others
+                logger.exception("Returning a connection of alias %r failed.", self.alias)
+
+    async def _unpark_all(self) -> None:
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        parked, self._parked = self._parked, []
+        self._spare.clear()
+        for wrapper, _, _ in parked:
+            view, wrapper.connection = wrapper.connection, None
+            await self._return(view)
+
     async def aclose(self) -> None:
         """Close the pool and every connection in it."""
         self.closed = True
+        await self._unpark_all()
         if self._pool is not None:
             await self._pool.close()
 
@@ -223,13 +368,28 @@ class AsyncPool:
     def terminate(self) -> None:
         """Close every connection now, without I/O on the loop (it is closing)."""
         self.closed = True
+        if self._flush_handle is not None:
+            self._flush_handle.cancel()
+            self._flush_handle = None
+        for wrapper, _, _ in self._parked:
+            wrapper.connection = None
+        self._parked.clear()
+        self._spare.clear()
         for conn in list(self._conns):
             if not conn.closed:
                 conn.pgconn.finish()
 
     def get_stats(self) -> dict[str, int]:
-        """Return psycopg_pool's counters (size, available, waiting, timeouts ...)."""
-        return self._pool.get_stats() if self._pool is not None else {}
+        """Return psycopg_pool's counters (size, available, waiting, timeouts ...).
+
+        Connections parked for the loop's next task count as available.
+        """
+        if self._pool is None:
+            return {}
+        stats = self._pool.get_stats()
+        stats["pool_available"] = stats.get("pool_available", 0) + len(self._parked)
+        stats["connections_parked"] = len(self._parked)
+        return stats
 
 
 def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
@@ -243,6 +403,13 @@ def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
     if pool is None:
         pool = per_loop[wrapper.alias] = AsyncPool(wrapper)
     return pool
+
+
+def reuse_wrapper(alias: str) -> DatabaseWrapper | None:
+    """Return a wrapper a finished task left for ``alias`` on the running loop, or None."""
+    per_loop = _pools.get(asyncio.get_running_loop())
+    pool = per_loop.get(alias) if per_loop else None
+    return pool.reuse() if pool is not None else None
 
 
 def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:

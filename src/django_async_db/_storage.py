@@ -27,6 +27,7 @@ from typing import Any
 from django.db import connections
 
 from . import _bridge
+from ._pool import reuse_wrapper
 
 logger = logging.getLogger("django_async_db")
 
@@ -66,8 +67,18 @@ class TaskLocal:
 
     def _task_done(self, task: asyncio.Task[Any]) -> None:
         ns = self._tasks.pop(task, None)
-        if ns is not None and any(w.connection is not None for w in vars(ns).values()):
-            release = task.get_loop().create_task(_release(list(vars(ns).values())))
+        if ns is None:
+            return
+        # Clean wrappers stay on the loop for its next tasks (see
+        # DatabaseWrapper.end_of_task); the others are released in a task.
+        left = [
+            wrapper
+            for wrapper in vars(ns).values()
+            if not (getattr(wrapper, "end_of_task", None) and wrapper.end_of_task())
+            and wrapper.connection is not None
+        ]
+        if left:
+            release = task.get_loop().create_task(_release(left))
             _releases.add(release)
             release.add_done_callback(_releases.discard)
 
@@ -193,4 +204,17 @@ def install() -> TaskLocal:
         connections._connections = new  # type: ignore[attr-defined]
         storage = new
         _bridge.share_connections = new.share
+        create = connections.create_connection
+
+        def create_connection(alias: str) -> Any:
+            """Make a task's wrapper for ``alias``, or take one an earlier task left."""
+            try:
+                in_task = current_task() is not None
+            except RuntimeError:  # no running loop
+                in_task = False
+            if in_task and (wrapper := reuse_wrapper(alias)) is not None:
+                return wrapper
+            return create(alias)
+
+        connections.create_connection = create_connection  # type: ignore[method-assign]
     return storage

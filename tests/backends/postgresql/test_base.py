@@ -13,7 +13,7 @@ from django.db.backends.postgresql import base as pg_base
 from django.test import override_settings
 
 from django_async_db import async_atomic, async_connections, await_only, run_sync
-from django_async_db._pool import AsyncPool
+from django_async_db._pool import AsyncPool, new_generation
 from django_async_db.backends.postgresql._psycopg import BridgeConnection, BridgeLock
 from django_async_db.backends.postgresql.base import DatabaseWrapper
 from tests.testapp.models import Author
@@ -110,6 +110,7 @@ async def test_outside_an_event_loop_it_is_the_stock_sync_backend():
 )
 async def test_async_unsafe_methods_refuse_calls_outside_a_bridge(read_only_db, method, args):
     # (read_only_db lifts pytest-django's blocker, which would refuse first.)
+    new_generation()  # a new wrapper, not one an earlier test's task left connected
     wrapper = connections["default"]
     with pytest.raises(SynchronousOnlyOperation, match="run_sync"):
         getattr(wrapper, method)(*args)

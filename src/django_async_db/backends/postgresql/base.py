@@ -165,5 +165,56 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         self.run_on_commit = []
         return conn
 
+    def end_of_task(self) -> bool:
+        """Leave this finished task's wrapper to the loop's next task if it is clean.
+
+        Clean: outside any transaction, in autocommit, with no pending
+        ``on_commit`` callback, execute wrapper, held cursor, error or other
+        user, and its connection (if any) idle. The wrapper then keeps its
+        connection for the next task (or, with tasks waiting for connections,
+        is kept without it). Returns False when the caller must release it.
+        """
+        conn = self.connection
+        if (
+            self._loop is None
+            or self.in_atomic_block
+            or self.needs_rollback
+            or self.run_on_commit
+            or self.execute_wrappers
+            or self._held_cursors
+            or self.errors_occurred
+            or self.allow_thread_sharing
+            or self.release_idle
+            or self.alias == NO_DB_ALIAS
+        ):
+            return False
+        pool = self._async_pool
+        if pool is None or pool.closed:
+            return conn is None
+        if conn is None:
+            pool.spare(self)
+            return True
+        if (
+            type(conn) is not BridgeConnection
+            or not self.autocommit
+            or conn.lock.locked()
+            or conn.pgconn.transaction_status != pq.TransactionStatus.IDLE
+        ):
+            return False
+        if pool.park(self):
+            return True
+        view = self.detach_idle_connection()
+        if view is None:
+            return False
+        pool.spare(self)
+        pool.release(view)
+        return True
+
+    def reuse(self) -> None:
+        """Reset what a new wrapper would not carry over (a task takes this one)."""
+        self.queries_log.clear()
+        if self.settings_dict["CONN_HEALTH_CHECKS"]:
+            self.health_check_done = False
+
 
 install_async_unsafe_hook(DatabaseWrapper)
