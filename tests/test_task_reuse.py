@@ -8,7 +8,14 @@ import pytest
 from django.db import ProgrammingError, connections
 from django.test import override_settings
 
-from django_async_db import _pool, async_atomic, async_connections, pool_stats, run_sync
+from django_async_db import (
+    PoolTimeout,
+    _pool,
+    async_atomic,
+    async_connections,
+    pool_stats,
+    run_sync,
+)
 from tests.conftest import observer, wait_until
 from tests.testapp.models import Author
 
@@ -43,18 +50,25 @@ async def test_tasks_running_together_never_share_a_wrapper(pool_option):
     pool_option({"min_size": 1, "max_size": 8})
     await asyncio.gather(*(in_new_task() for _ in range(8)))  # park several
     gate = asyncio.Event()
+    got: list[tuple[object, int]] = []
 
-    async def hold() -> tuple[object, int]:
-        got = await run_sync(wrapper_and_pid)
+    async def hold() -> None:
+        got.append(await run_sync(wrapper_and_pid))
         await gate.wait()
-        return got
 
     tasks = [asyncio.create_task(hold()) for _ in range(6)]
-    await asyncio.sleep(0.05)
-    gate.set()
-    results = await asyncio.gather(*tasks)
-    assert len({id(w) for w, _ in results}) == 6
-    assert len({pid for _, pid in results}) == 6
+
+    async def all_got() -> bool:
+        return len(got) == 6
+
+    try:
+        # All six hold a connection at once (the pool can open eight).
+        assert await wait_until(all_got, seconds=10)
+    finally:
+        gate.set()
+        await asyncio.gather(*tasks)
+    assert len({id(w) for w, _ in got}) == 6
+    assert len({pid for _, pid in got}) == 6
 
 
 async def test_a_parked_connection_goes_back_to_the_pool_when_no_task_takes_it(
@@ -176,3 +190,90 @@ async def test_closing_the_pools_closes_parked_connections(pool_option):
         assert await wait_until(gone, seconds=5)
     finally:
         await watch.close()
+
+
+async def test_with_every_connection_held_a_new_task_takes_the_next_finished_wrapper(
+    pool_option,
+):
+    pool_option({"min_size": 2, "max_size": 2, "timeout": 10})
+    release = asyncio.Event()
+
+    async def hold() -> tuple[object, int]:
+        got = await run_sync(wrapper_and_pid)
+        await release.wait()
+        return got
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    opened = pool_stats("default")["connections_num"]
+    newcomer = asyncio.create_task(run_sync(wrapper_and_pid))
+    await asyncio.sleep(0.1)
+    assert not newcomer.done()  # every connection is held: it waits
+    release.set()
+    held = await asyncio.gather(*holders)
+    assert await newcomer in held  # a holder's wrapper and connection, whole
+    assert pool_stats("default")["connections_num"] == opened
+
+
+async def test_a_long_holder_does_not_make_new_tasks_wait_while_the_pool_can_grow(pool_option):
+    pool_option({"min_size": 1, "max_size": 4, "timeout": 10})
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await run_sync(wrapper_and_pid)
+        await release.wait()
+
+    holder = asyncio.create_task(hold())
+    try:
+        others = await asyncio.wait_for(
+            asyncio.gather(*(asyncio.create_task(run_sync(wrapper_and_pid)) for _ in range(3))),
+            timeout=5,
+        )
+        assert len({pid for _, pid in others}) >= 1
+    finally:
+        release.set()
+        await holder
+
+
+async def test_cancelled_waiters_leave_every_connection_to_the_pool(pool_option):
+    pool_option({"min_size": 2, "max_size": 2, "timeout": 10})
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await run_sync(wrapper_and_pid)
+        await release.wait()
+
+    holders = [asyncio.create_task(hold()) for _ in range(2)]
+    await asyncio.sleep(0.1)
+    waiters = [asyncio.create_task(run_sync(wrapper_and_pid)) for _ in range(5)]
+    await asyncio.sleep(0.1)
+    for waiter in waiters[:3]:
+        waiter.cancel()
+    release.set()
+    await asyncio.gather(*holders)
+    results = await asyncio.gather(*waiters, return_exceptions=True)
+    assert [type(r) for r in results[:3]] == [asyncio.CancelledError] * 3
+    assert all(isinstance(r, tuple) for r in results[3:])
+    await asyncio.sleep(0)
+    pool = _pool._pools[asyncio.get_running_loop()]["default"]
+    assert pool.checked_out == 0
+    assert pool_stats("default")["pool_available"] == 2
+
+
+async def test_waiting_for_a_held_connection_times_out_with_pool_timeout(pool_option):
+    pool_option({"min_size": 1, "max_size": 1, "timeout": 0.3})
+    release = asyncio.Event()
+
+    async def hold() -> None:
+        await run_sync(wrapper_and_pid)
+        await release.wait()
+
+    holder = asyncio.create_task(hold())
+    await asyncio.sleep(0.1)
+    try:
+        with pytest.raises(PoolTimeout, match="all 1 connections of its pool are in use"):
+            await asyncio.create_task(run_sync(wrapper_and_pid))
+        assert pool_stats("default")["requests_errors"] >= 1
+    finally:
+        release.set()
+        await holder

@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
+from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +21,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from psycopg_pool.pool_async import MaintenanceTask, StopWorker
 
-from ._bridge import await_only, run_sync
+from ._bridge import await_only, in_bridge, run_sync
 from .backends.postgresql._psycopg import BridgeConnection, PooledAsyncConnection
 from .exceptions import PoolTimeout
 
@@ -116,6 +117,16 @@ class _ConnectionPool(psycopg_pool.AsyncConnectionPool[PooledAsyncConnection]):
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
 
+    #: The AsyncPool in front of this pool (its tasks may wait for a wrapper).
+    owner: AsyncPool | None = None
+
+    async def _add_to_pool(self, conn: PooledAsyncConnection) -> None:
+        await super()._add_to_pool(conn)
+        if self._pool and self.owner is not None:
+            # A connection is idle here now: a task waiting for a finishing
+            # task's wrapper can have it instead.
+            self.owner.wake_one()
+
     async def _connect(
         self,
         timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature
@@ -163,6 +174,11 @@ class AsyncPool:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._loop = wrapper._loop
         self._spare_max = options["max_size"] if options is not None else 0
+        # Tasks waiting (in a bridge) for a finishing task's wrapper while every
+        # connection is held: see wait_for_wrapper().
+        self._waiters: deque[asyncio.Future[DatabaseWrapper | None]] = deque()
+        #: Waits for a connection that ended in PoolTimeout (psycopg_pool counts its own).
+        self.timeouts = 0
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
         if options is not None:
@@ -183,6 +199,7 @@ class AsyncPool:
                 raise ImproperlyConfigured(
                     f"Invalid DATABASES[{self.alias!r}]['OPTIONS']['pool']: {exc}."
                 ) from exc
+            self._pool.owner = self
             self._opened = False
         # Parking skips psycopg_pool's checkout, hence its health check.
         self._can_park = self._pool is not None and self._pool._check is None
@@ -264,6 +281,14 @@ class AsyncPool:
         pool = self._pool
         if not self._can_park or self.closed or pool is None or pool._waiting:
             return False
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                # Straight to a waiting task: the connection stays checked out.
+                wrapper.reuse()
+                waiter.set_result(wrapper)
+                return True
         self._parked.append((wrapper, self._loop.time(), _generation))  # type: ignore[union-attr]
         self.checked_out -= 1
         if self._flush_handle is None:
@@ -279,8 +304,8 @@ class AsyncPool:
         if not self.closed:
             self._spare_wrapper(wrapper)
 
-    def reuse(self) -> DatabaseWrapper | None:
-        """Return a parked wrapper (connected) or a spare one for a task, or None."""
+    def reuse_parked(self) -> DatabaseWrapper | None:
+        """Return the newest parked (connected) wrapper for a task, or None."""
         parked = self._parked
         while parked:
             wrapper, _, generation = parked.pop()
@@ -290,6 +315,10 @@ class AsyncPool:
                 return wrapper
             self._give_back([wrapper.connection])
             wrapper.connection = None
+        return None
+
+    def reuse_spare(self) -> DatabaseWrapper | None:
+        """Return a spare wrapper (not connected) for a task, or None."""
         spare = self._spare
         while spare:
             wrapper, generation = spare.pop()
@@ -297,6 +326,58 @@ class AsyncPool:
                 wrapper.reuse()
                 return wrapper
         return None
+
+    def wait_for_wrapper(self) -> DatabaseWrapper | None:
+        """Wait, in a bridge, for a finishing task's wrapper while every connection is held.
+
+        A new task arriving when all ``max_size`` connections are open and
+        none is idle takes the first clean wrapper a task leaves, whole
+        (connected), instead of making its own and queueing in psycopg_pool. Returns None
+        at once if a connection could be had otherwise, or later when one went
+        back to psycopg_pool instead; raises :class:`PoolTimeout` after the
+        pool's timeout.
+        """
+        pool = self._pool
+        if (
+            pool is None
+            or not self._can_park
+            or self.closed
+            # psycopg_pool has an idle connection, or can open one.
+            or pool._pool
+            or pool._nconns < pool.max_size
+            or not in_bridge()
+        ):
+            return None
+        loop = self._loop
+        assert loop is not None
+        waiter: asyncio.Future[DatabaseWrapper | None] = loop.create_future()
+        self._waiters.append(waiter)
+        timer = loop.call_later(pool.timeout, self._expire, waiter)
+        try:
+            return await_only(waiter)
+        except BaseException:
+            # Cancelled just as a wrapper was handed over: pass it on.
+            if (
+                waiter.done()
+                and not waiter.cancelled()
+                and waiter.exception() is None
+                and (wrapper := waiter.result()) is not None
+                and not wrapper.end_of_task()
+                and (view := wrapper.connection) is not None
+            ):
+                wrapper.connection = None
+                self.release(view)
+            raise
+        finally:
+            timer.cancel()
+
+    def _expire(self, waiter: asyncio.Future[DatabaseWrapper | None]) -> None:
+        if not waiter.done():
+            self.timeouts += 1
+            assert self._pool is not None
+            waiter.set_exception(
+                PoolTimeout(self.alias, self._pool.max_size, self._pool.timeout, self.checked_out)
+            )
 
     def _flush(self) -> None:
         """Give the connections parked for longer than PARK_SECONDS back to psycopg_pool."""
@@ -322,6 +403,15 @@ class AsyncPool:
         self.checked_out -= 1
         self._give_back([view])
 
+    def wake_one(self) -> None:
+        """Send one task waiting for a wrapper to psycopg_pool, which has an idle connection."""
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
     def _give_back(self, views: list[BridgeConnection]) -> None:
         """Return parked connections to psycopg_pool, in a task (from sync code)."""
         task = self._loop.create_task(self._give_back_all(views))  # type: ignore[union-attr]
@@ -341,6 +431,7 @@ class AsyncPool:
             self._flush_handle = None
         parked, self._parked = self._parked, []
         self._spare.clear()
+        self._wake_all()
         for wrapper, _, _ in parked:
             view, wrapper.connection = wrapper.connection, None
             await self._return(view)
@@ -375,6 +466,14 @@ class AsyncPool:
             wrapper.connection = None
         self._parked.clear()
         self._spare.clear()
+        self._wake_all()
+
+    def _wake_all(self) -> None:
+        """Send the tasks waiting for a wrapper to the normal path (the pool is going)."""
+        waiters, self._waiters = self._waiters, deque()
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
         for conn in list(self._conns):
             if not conn.closed:
                 conn.pgconn.finish()
@@ -389,6 +488,10 @@ class AsyncPool:
         stats = self._pool.get_stats()
         stats["pool_available"] = stats.get("pool_available", 0) + len(self._parked)
         stats["connections_parked"] = len(self._parked)
+        stats["requests_waiting"] = stats.get("requests_waiting", 0) + sum(
+            not waiter.done() for waiter in self._waiters
+        )
+        stats["requests_errors"] = stats.get("requests_errors", 0) + self.timeouts
         return stats
 
 
@@ -406,10 +509,15 @@ def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
 
 
 def reuse_wrapper(alias: str) -> DatabaseWrapper | None:
-    """Return a wrapper a finished task left for ``alias`` on the running loop, or None."""
+    """Return a wrapper a finished task left for ``alias`` on the running loop, or None.
+
+    In a bridge, with every connection held by tasks, wait for one.
+    """
     per_loop = _pools.get(asyncio.get_running_loop())
     pool = per_loop.get(alias) if per_loop else None
-    return pool.reuse() if pool is not None else None
+    if pool is None:
+        return None
+    return pool.reuse_parked() or pool.wait_for_wrapper() or pool.reuse_spare()
 
 
 def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:
