@@ -402,15 +402,19 @@ def exec_command(cmd: list[str], env: dict[str, str]) -> int:
 
 
 @contextlib.contextmanager
-def cleanup_on_exit() -> Iterator[contextlib.ExitStack]:
+def cleanup_on_exit(*, as_interrupt: bool = False) -> Iterator[contextlib.ExitStack]:
     """Yield an `ExitStack` whose callbacks run however the block ends.
 
     SIGTERM and SIGHUP end the block like ``sys.exit`` (Ctrl-C already does,
     as ``KeyboardInterrupt``), and a second signal cannot cut the cleanup short.
-    Call from the main thread.
+    ``as_interrupt=True`` raises ``KeyboardInterrupt`` instead (pytest stops the
+    session for it and tears its fixtures down; it reports a ``SystemExit`` as a
+    failed test and goes on). Call from the main thread.
     """
 
     def terminate(signum: int, _frame: FrameType | None) -> None:
+        if as_interrupt:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
     old_term = signal.signal(signal.SIGTERM, terminate)

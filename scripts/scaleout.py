@@ -182,9 +182,12 @@ class PgBouncer:
 
 
 @contextlib.contextmanager
-def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
-    """Run a :class:`PgBouncer` in front of *server_url* for the block; always remove it."""
-    with cleanup_on_exit() as cleanup:
+def pgbouncer(server_url: str, *, as_interrupt: bool = False) -> Iterator[PgBouncer]:
+    """Run a :class:`PgBouncer` in front of *server_url* for the block; always remove it.
+
+    ``as_interrupt``: see :func:`provision_pg.cleanup_on_exit`.
+    """
+    with cleanup_on_exit(as_interrupt=as_interrupt) as cleanup:
         t0 = time.monotonic()
         bouncer = PgBouncer(server_url)
         cleanup.callback(bouncer.destroy)
@@ -199,13 +202,14 @@ def pgbouncer(server_url: str) -> Iterator[PgBouncer]:
 
 
 @contextlib.contextmanager
-def primary_and_replica() -> Iterator[tuple[Cluster, Cluster]]:
+def primary_and_replica(*, as_interrupt: bool = False) -> Iterator[tuple[Cluster, Cluster]]:
     """Start a throwaway primary and a streaming replica of it; always remove both.
 
     The primary is a fresh cluster (``wal_level=replica``); the replica is made
-    from it with ``pg_basebackup -R`` and runs in hot standby.
+    from it with ``pg_basebackup -R`` and runs in hot standby. ``as_interrupt``:
+    see :func:`provision_pg.cleanup_on_exit`.
     """
-    with cleanup_on_exit() as cleanup:
+    with cleanup_on_exit(as_interrupt=as_interrupt) as cleanup:
         t0 = time.monotonic()
         bindir = find_bindir(tools=("pg_basebackup",))
         primary = Cluster(bindir, {"wal_level": "replica", "max_wal_senders": "4"})
