@@ -18,7 +18,7 @@ import copy
 import importlib.util
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -28,7 +28,7 @@ import psycopg
 import pytest
 from django.db import connections
 
-from django_async_db._pool import terminate_pools
+from django_async_db._pool import discard_pool, terminate_pools
 from tests.testapp.models import Author
 
 APPS = ["django_async_db", "tests.testapp"]
@@ -72,12 +72,33 @@ def _add_alias(alias: str, base: dict[str, Any], **changes: Any) -> None:
 
 
 def _drop_alias(alias: str) -> None:
-    terminate_pools(alias)  # this alias's pooled connections, on every loop
+    terminate_pools(alias)  # pooled connections left on other loops, without I/O
     connections.settings.pop(alias, None)
 
 
+async def _close_pools(*aliases: str) -> None:
+    """Close the session loop's pools of ``aliases`` (before their servers stop)."""
+    for alias in aliases:
+        if (pool := discard_pool(alias)) is not None:
+            await pool.aclose()
+
+
 @pytest.fixture(scope="session")
-def bouncer(django_db_setup: None) -> Iterator[Any]:
+async def bouncer(bouncer_server: Any) -> AsyncIterator[Any]:
+    """PgBouncer in front of the test server, reached through the ``"bouncer"`` alias."""
+    yield bouncer_server
+    await _close_pools("bouncer")
+
+
+@pytest.fixture(scope="session")
+async def replication(replication_servers: Any) -> AsyncIterator[tuple[Any, Any]]:
+    """A primary and its streaming replica, reached through ``"primary"``/``"replica"``."""
+    yield replication_servers
+    await _close_pools("primary", "replica")
+
+
+@pytest.fixture(scope="session")
+def bouncer_server(django_db_setup: None) -> Iterator[Any]:
     """Start PgBouncer in front of the test server; add the ``"bouncer"`` alias."""
     default = connections.settings["default"]
     start = time.monotonic()
@@ -106,7 +127,7 @@ def pgbouncer_show(bouncer: Any, what: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture(scope="session")
-def replication(django_db_setup: None, django_db_blocker: Any) -> Iterator[tuple[Any, Any]]:
+def replication_servers(django_db_setup: None, django_db_blocker: Any) -> Iterator[tuple[Any, Any]]:
     """Start a primary and its streaming replica; add ``"primary"`` and ``"replica"``."""
     default = connections.settings["default"]
     start = time.monotonic()
