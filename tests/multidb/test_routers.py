@@ -7,7 +7,7 @@ from django.db import connection
 from django.db.models import Count
 
 from django_async_db import async_atomic, run_sync
-from tests.testapp.models import Author, Book, Tag
+from tests.testapp.models import Author, Book, Chapter, Tag
 
 from .conftest import ALIASES, APPS, ReadOtherWriteDefault, TestappOnOther, names_on
 
@@ -79,6 +79,19 @@ async def test_related_managers_and_prefetch_follow_the_router():
     assert await Book.objects.acount() == 1
     assert await Book.objects.using("default").acount() == 0
     assert await Tag.objects.using("default").acount() == 0
+
+
+@pytest.mark.usefixtures("route_testapp_to_other")
+async def test_awaitable_relations_follow_the_router():
+    author = await Author.objects.acreate(name="ann")
+    book = await Book.objects.acreate(title="b", author=author)
+    chapter = await Chapter.objects.acreate(title="c", book=book)
+    fetched = await Chapter.objects.aget(pk=chapter.pk)
+    assert fetched._state.db == "other"
+    assert (await fetched.abook).title == "b"
+    await fetched.acites.aadd(book)
+    assert [b.title async for b in fetched.cites.all()] == ["b"]
+    assert await Chapter.objects.using("default").acount() == 0
 
 
 @pytest.mark.usefixtures("route_testapp_to_other")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from django.db import connections, transaction
 
 from django_async_db import async_atomic, async_connections
 from tests.testapp.models import Author, Book
@@ -133,3 +134,55 @@ async def test_concurrent_tasks_write_to_both_aliases_in_their_own_transactions(
     assert sum(isinstance(r, Boom) for r in results) == 10
     assert await names_on("default") == [f"d{n:02}" for n in range(0, 20, 2)]
     assert await names_on("other") == [f"o{n:02}" for n in range(0, 20, 2)]
+
+
+def _djangos_outcome() -> None:
+    """The same scenarios with Django's own sync ``atomic()`` (in a thread, no loop)."""
+    try:
+        _djangos_scenarios()
+    finally:
+        connections.close_all()  # this worker thread's own connections
+
+
+def _djangos_scenarios() -> None:
+    try:
+        with transaction.atomic("default"):
+            Author.objects.create(name="sync d")
+            with transaction.atomic("other"):
+                Author.objects.using("other").create(name="sync o")
+            raise Boom
+    except Boom:
+        pass
+    try:
+        with transaction.atomic("default"), transaction.atomic("other"):
+            Author.objects.create(name="sync both d")
+            Author.objects.using("other").create(name="sync both o")
+            raise Boom
+    except Boom:
+        pass
+
+
+async def test_two_alias_outcomes_match_djangos_atomic():
+    async def ours() -> None:
+        async def inner_commits() -> None:
+            async with async_atomic("default"):
+                await Author.objects.acreate(name="async d")
+                async with async_atomic("other"):
+                    await Author.objects.using("other").acreate(name="async o")
+                raise Boom
+
+        async def both_roll_back() -> None:
+            async with async_atomic("default"), async_atomic("other"):
+                await Author.objects.acreate(name="async both d")
+                await Author.objects.using("other").acreate(name="async both o")
+                raise Boom
+
+        for scenario in (inner_commits, both_roll_back):
+            with pytest.raises(Boom):
+                await scenario()
+
+    await ours()
+    await asyncio.to_thread(_djangos_outcome)
+    default, other = await names_on("default"), await names_on("other")
+    assert default == []
+    assert other == ["async o", "sync o"]
