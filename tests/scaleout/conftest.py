@@ -7,7 +7,8 @@
   from it with ``pg_basebackup -R``; aliases ``"primary"`` and ``"replica"``,
   with ``testapp_author`` created on the primary (and replicated).
 
-Both come from ``scripts/scaleout.py``; their setup times are printed at the
+Both come from ``scripts/scaleout.py``, for the module that uses them (the
+aliases are gone afterwards); their setup times are printed at the
 end of the run. Everything is stopped and removed afterwards, also on
 Ctrl-C or SIGTERM.
 """
@@ -83,21 +84,21 @@ async def _close_pools(*aliases: str) -> None:
             await pool.aclose()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def bouncer(bouncer_server: Any) -> AsyncIterator[Any]:
     """PgBouncer in front of the test server, reached through the ``"bouncer"`` alias."""
     yield bouncer_server
     await _close_pools("bouncer")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 async def replication(replication_servers: Any) -> AsyncIterator[tuple[Any, Any]]:
     """A primary and its streaming replica, reached through ``"primary"``/``"replica"``."""
     yield replication_servers
     await _close_pools("primary", "replica")
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def bouncer_server(django_db_setup: None) -> Iterator[Any]:
     """Start PgBouncer in front of the test server; add the ``"bouncer"`` alias."""
     default = connections.settings["default"]
@@ -126,7 +127,7 @@ def pgbouncer_show(bouncer: Any, what: str) -> list[dict[str, Any]]:
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def replication_servers(django_db_setup: None, django_db_blocker: Any) -> Iterator[tuple[Any, Any]]:
     """Start a primary and its streaming replica; add ``"primary"`` and ``"replica"``."""
     default = connections.settings["default"]
