@@ -61,10 +61,7 @@ PGBOUNCER_SETTINGS = {
     # Server connections per (database, user): the shared test server has few to spare.
     "default_pool_size": "20",
     "reserve_pool_size": "0",
-    "server_reset_query": "DISCARD ALL",  # Not run in transaction mode; kept explicit.
     "ignore_startup_parameters": "extra_float_digits",
-    "server_lifetime": "3600",
-    "server_idle_timeout": "600",
 }
 
 
