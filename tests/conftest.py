@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -34,8 +35,30 @@ async def _no_sessions_left(django_db_setup: None, django_db_blocker: Any) -> As
         name = connections.settings[alias]["NAME"]
         if name != connections.settings[alias]["TEST"]["NAME"]:
             continue  # not set up for this run (no test used the alias)
-        left = sessions_on(name, exclude=keep.get(alias, 0))
+        if bouncer := os.environ.get("DJASYNC_PGBOUNCER_ADMIN_URL"):
+            # Through PgBouncer: count its clients (ours), then make it close its
+            # server connections so the test database can be dropped.
+            left = pgbouncer_clients(bouncer, name) - (alias in keep)
+            pgbouncer_admin(bouncer, f"KILL {name}", f"RESUME {name}")
+        else:
+            left = sessions_on(name, exclude=keep.get(alias, 0))
         assert left == 0, f"{left} sessions left open on {alias!r}'s test database"
+
+
+def pgbouncer_admin(admin_url: str, *commands: str) -> list[dict[str, Any]]:
+    """Run commands on PgBouncer's admin console; return the last one's rows as dicts."""
+    rows: list[dict[str, Any]] = []
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        for command in commands:
+            cur = conn.execute(command)
+            names = [d.name for d in cur.description or ()]
+            rows = [dict(zip(names, row, strict=True)) for row in cur.fetchall()] if names else []
+    return rows
+
+
+def pgbouncer_clients(admin_url: str, dbname: str) -> int:
+    """Count PgBouncer's client connections to ``dbname``."""
+    return sum(1 for c in pgbouncer_admin(admin_url, "SHOW CLIENTS") if c["database"] == dbname)
 
 
 def sessions_on(dbname: str, exclude: int = 0) -> int:

@@ -273,7 +273,7 @@ async def test_waiting_for_a_held_connection_times_out_with_pool_timeout(pool_op
     try:
         with pytest.raises(PoolTimeout, match="all 1 connections of its pool are in use"):
             await asyncio.create_task(run_sync(wrapper_and_pid))
-        assert pool_stats("default")["requests_errors"] >= 1
+        assert pool_stats("default")["timeouts"] >= 1
     finally:
         release.set()
         await holder

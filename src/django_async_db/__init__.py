@@ -13,7 +13,7 @@ Example::
 from __future__ import annotations
 
 from ._bridge import await_only, in_bridge, run_sync
-from ._pool import pool_stats
+from ._pool import all_pool_stats, pool_stats
 from .connection import AsyncConnection, AsyncCursor, async_connections
 from .exceptions import PoolTimeout
 from .transaction import AsyncAtomic, async_atomic
@@ -23,6 +23,7 @@ __all__ = [
     "AsyncConnection",
     "AsyncCursor",
     "PoolTimeout",
+    "all_pool_stats",
     "async_atomic",
     "async_connections",
     "await_only",

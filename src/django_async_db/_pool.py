@@ -30,6 +30,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "AsyncPool",
+    "all_pool_stats",
     "close_pools",
     "get_pool",
     "pool_stats",
@@ -177,7 +178,7 @@ class AsyncPool:
         # Tasks waiting (in a bridge) for a finishing task's wrapper while every
         # connection is held: see wait_for_wrapper().
         self._waiters: deque[asyncio.Future[DatabaseWrapper | None]] = deque()
-        #: Waits for a connection that ended in PoolTimeout (psycopg_pool counts its own).
+        #: Checkouts that gave up after ``timeout`` seconds (PoolTimeout raised).
         self.timeouts = 0
         # Every connection this pool made, to close them if the loop closes first.
         self._conns: weakref.WeakSet[PooledAsyncConnection] = weakref.WeakSet()
@@ -240,6 +241,7 @@ class AsyncPool:
             try:
                 conn = await self._pool.getconn()
             except psycopg_pool.PoolTimeout as exc:
+                self.timeouts += 1
                 raise PoolTimeout(
                     self.alias, self._pool.max_size, self._pool.timeout, self.checked_out
                 ) from exc
@@ -478,20 +480,28 @@ class AsyncPool:
             if not conn.closed:
                 conn.pgconn.finish()
 
-    def get_stats(self) -> dict[str, int]:
-        """Return psycopg_pool's counters (size, available, waiting, timeouts ...).
+    def get_stats(self) -> dict[str, Any]:
+        """Return psycopg_pool's counters and settings, with ``in_use`` and ``timeouts``.
 
-        Connections parked for the loop's next task count as available.
+        Connections parked for the loop's next task count as available, and
+        tasks waiting for a finishing task's wrapper as waiting. Empty when
+        unpooled (``OPTIONS["pool"] = False``).
         """
         if self._pool is None:
             return {}
-        stats = self._pool.get_stats()
+        stats: dict[str, Any] = {"alias": self.alias, **self._pool.get_stats()}
+        stats["pool_timeout"] = self._pool.timeout
+        # psycopg_pool counts a request that timed out or was cancelled as
+        # waiting until a connection comes back: count the live ones only.
+        waiting = getattr(self._pool, "_waiting", None)
+        stats["requests_waiting"] = (
+            sum(1 for w in list(waiting) if w.conn is None and w.error is None)
+            if waiting is not None
+            else stats.get("requests_waiting", 0)
+        ) + sum(not waiter.done() for waiter in self._waiters)
         stats["pool_available"] = stats.get("pool_available", 0) + len(self._parked)
         stats["connections_parked"] = len(self._parked)
-        stats["requests_waiting"] = stats.get("requests_waiting", 0) + sum(
-            not waiter.done() for waiter in self._waiters
-        )
-        stats["requests_errors"] = stats.get("requests_errors", 0) + self.timeouts
+        stats |= {"in_use": self.checked_out, "timeouts": self.timeouts}
         return stats
 
 
@@ -580,14 +590,30 @@ def terminate_pools(alias: str) -> None:
             pool.terminate()
 
 
-def pool_stats(alias: str = "default") -> dict[str, int]:
+def pool_stats(alias: str = "default") -> dict[str, Any]:
     """Return the running loop's pool counters for ``alias`` (empty if none yet).
 
-    Example::
+    Besides psycopg_pool's counters (``pool_min``, ``pool_max``, ``pool_size``,
+    ``pool_available``, ``requests_num`` ...): ``alias``, ``pool_timeout``,
+    ``in_use`` (connections held by tasks), ``requests_waiting`` (tasks waiting
+    for one) and ``timeouts`` (checkouts that raised PoolTimeout). Example::
 
         stats = django_async_db.pool_stats("default")
-        stats["pool_size"], stats["pool_available"], stats.get("requests_waiting", 0)
+        stats["in_use"], stats["requests_waiting"], stats["timeouts"]
     """
     per_loop = _pools.get(asyncio.get_running_loop())
     pool = per_loop.get(alias) if per_loop else None
     return pool.get_stats() if pool is not None else {}
+
+
+def all_pool_stats() -> dict[str, dict[str, Any]]:
+    """Return :func:`pool_stats` of every alias with a pool on the running loop.
+
+    For monitoring: call it from async code (a metrics endpoint, a periodic
+    task) of the process whose pools it reports. Example::
+
+        for alias, stats in django_async_db.all_pool_stats().items():
+            gauge("db_pool_in_use", stats["in_use"], alias=alias)
+    """
+    per_loop = _pools.get(asyncio.get_running_loop()) or {}
+    return {alias: pool.get_stats() for alias, pool in per_loop.items()}
