@@ -14,6 +14,7 @@ class Response:
 
     status: int
     body: bytes
+    headers: dict[str, str]
 
     def json(self) -> Any:
         return json.loads(self.body)
@@ -53,4 +54,5 @@ async def request(app: Any, path: str, method: str = "GET", query: str = "") -> 
     assert messages, "the application sent nothing"
     assert messages[0]["type"] == "http.response.start", messages
     body = b"".join(m.get("body", b"") for m in messages[1:])
-    return Response(messages[0]["status"], body)
+    headers = {k.decode().lower(): v.decode() for k, v in messages[0]["headers"]}
+    return Response(messages[0]["status"], body, headers)

@@ -158,3 +158,26 @@ async def test_stock_handler_unchanged_after_ours_is_installed(hop_probe):
         request_finished.disconnect(sync_finished)
     assert calls
     assert calls[0] != threading.get_ident()
+
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+
+@override_settings(MIDDLEWARE=MIDDLEWARE)
+async def test_middleware_hooks_hop_unless_listed_in_loop_middleware(hop_probe, thread_probe):
+    hops = {}
+    for name, app in [("stock", ASGIHandler()), ("loop", ASGIHandler(MIDDLEWARE))]:
+        await request(app, "/read-write/")
+        before = len(hop_probe())
+        response = await request(app, "/read-write/")
+        hops[name] = hop_probe()[before:]
+        assert response.status == 200
+        assert response.headers["x-frame-options"] == "DENY"  # the middleware did run
+        assert response.headers["x-content-type-options"] == "nosniff"
+    assert len(hops["stock"]) >= len(MIDDLEWARE)  # process_request/response in threads
+    assert hops["loop"] == []
+    assert thread_probe() == {threading.get_ident()}
