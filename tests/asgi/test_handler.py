@@ -139,6 +139,23 @@ async def test_sync_view_keeps_djangos_housekeeping_in_its_thread(hop_probe):
     assert hop_probe()  # the sync view itself runs in a thread, as with Django
 
 
+async def test_sync_receivers_share_the_sync_views_thread():
+    """As with Django's handler: lifecycle receivers and a sync view share one thread."""
+    seen: list[int] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append(threading.get_ident())
+
+    request_started.connect(receiver)
+    request_finished.connect(receiver)
+    try:
+        assert (await request(ASGIHandler(), "/sync/")).status == 200
+    finally:
+        request_started.disconnect(receiver)
+        request_finished.disconnect(receiver)
+    assert seen == [SEEN["sync_view_thread"]] * 2
+
+
 async def test_get_asgi_application_returns_the_handler():
     assert isinstance(get_asgi_application(), ASGIHandler)
 

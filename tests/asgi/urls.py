@@ -45,6 +45,7 @@ async def slow_query(request: HttpRequest) -> HttpResponse:
 def sync_view(request: HttpRequest) -> HttpResponse:
     """A sync view: Django runs it in the request's thread, on that thread's connection."""
     SEEN["sync_wrapper"] = connection
+    SEEN["sync_view_thread"] = threading.get_ident()
     return JsonResponse({"count": Author.objects.count()})
 
 
