@@ -65,7 +65,7 @@ _serving: contextvars.ContextVar[ASGIHandler | None] = contextvars.ContextVar(
 
 
 @functools.cache
-def _on_loop_receivers() -> frozenset[Callable[..., Any]]:
+def _on_loop_receivers() -> tuple[Callable[..., Any], ...]:
     """Return Django's own request housekeeping receivers, safe to run on the loop.
 
     ``close_old_connections`` and ``reset_queries`` act on the calling task's
@@ -78,7 +78,12 @@ def _on_loop_receivers() -> frozenset[Callable[..., Any]]:
     from django.core.handlers.base import reset_urlconf
     from django.db import close_old_connections, reset_queries
 
-    return frozenset((close_old_connections, reset_queries, close_caches, reset_urlconf))
+    return (close_old_connections, reset_queries, close_caches, reset_urlconf)
+
+
+def _on_loop(receiver: Any) -> bool:
+    # By identity: a receiver may be an unhashable object with its own __eq__.
+    return any(receiver is r for r in _on_loop_receivers())
 
 
 def _request_thread_used() -> bool:
@@ -109,10 +114,9 @@ def _send(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
     request's thread-sensitive thread; async receivers are awaited together.
     """
     sync_receivers, async_receivers = signal._live_receivers(sender)
-    on_loop = _on_loop_receivers()
-    responses = _call([r for r in sync_receivers if r in on_loop], signal, sender, named)
+    responses = _call([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
     thread_used = _request_thread_used()
-    in_thread = [r for r in sync_receivers if thread_used or r not in on_loop]
+    in_thread = [r for r in sync_receivers if thread_used or not _on_loop(r)]
     if in_thread:
         responses += await_only(
             asgiref_sync.sync_to_async(_call, thread_sensitive=True)(

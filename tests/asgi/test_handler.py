@@ -117,6 +117,31 @@ async def test_users_receivers_still_run():
     assert threads["sync", "started"] == threads["sync", "finished"] != loop_thread
 
 
+class UnhashableReceiver:
+    """A receiver object with its own ``__eq__`` (so no ``__hash__``), as Django allows."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __eq__(self, other: object) -> bool:
+        return other is self
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __call__(self, sender: Any, **kwargs: Any) -> None:
+        self.calls += 1
+
+
+async def test_unhashable_receiver_runs():
+    receiver = UnhashableReceiver()
+    request_finished.connect(receiver)
+    try:
+        assert (await request(ASGIHandler(), "/read-write/")).status == 200
+    finally:
+        request_finished.disconnect(receiver)
+    assert receiver.calls == 1
+
+
 async def test_reset_queries_runs_at_request_started():
     """Two requests in one task: the second starts with an empty queries_log."""
     app = ASGIHandler()
