@@ -450,6 +450,158 @@ def view_path(contender: Contender, view: str, post_id: int) -> str:
     return f"{sync_path if contender.wsgi else async_path}?id={post_id}"
 
 
+# --- instructions per request (callgrind) ---------------------------------------------------
+
+CALLGRIND_VIEWS = {
+    "none": ("no query", "/bench/none/", "/bench/none-sync/"),
+    **VIEWS,
+}
+
+
+def run_in_process(key: str, view: str, n: int, post_id: int) -> None:
+    """Internal (``--callgrind-run``): serve ``n`` requests in this process, no HTTP server.
+
+    The ASGI contenders get a scope straight into the application, one task
+    per request, as a server makes; the WSGI contender a WSGI environ.
+    """
+    contender = next(c for c in CONTENDERS if c.key == key)
+    os.environ.update(server_env(contender))
+    sys.path.insert(0, str(DEMO))
+    _, async_path, sync_path = CALLGRIND_VIEWS[view]
+    target, query = (sync_path if contender.wsgi else async_path), f"id={post_id}"
+    if contender.wsgi:
+        from demosite.wsgi import application as wsgi_app
+
+        def wsgi_request() -> None:
+            environ = {
+                "REQUEST_METHOD": "GET",
+                "PATH_INFO": target,
+                "QUERY_STRING": query,
+                "SERVER_NAME": "127.0.0.1",
+                "SERVER_PORT": "80",
+                "SERVER_PROTOCOL": "HTTP/1.1",
+                "wsgi.input": __import__("io").BytesIO(),
+                "wsgi.url_scheme": "http",
+            }
+            status: list[str] = []
+            body = wsgi_app(environ, lambda s, h, *a: status.append(s))
+            b"".join(body)
+            body.close()
+            assert status[0].startswith("200"), status
+
+        for _ in range(WARMUP_REQUESTS):
+            wsgi_request()
+        os.getppid()  # callgrind dumps here (--dump-before=getppid) ...
+        for _ in range(n):
+            wsgi_request()
+        os.getppid()  # ... and here: the second dump holds exactly the n requests
+        return
+
+    import asyncio
+
+    from demosite.asgi import application
+
+    async def asgi_request() -> None:
+        scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": target,
+            "raw_path": target.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(b"host", b"127.0.0.1")],
+            "client": ("127.0.0.1", 40000),
+            "server": ("127.0.0.1", 80),
+        }
+        sent: list[dict[str, Any]] = []
+        received = False
+
+        async def receive() -> dict[str, Any]:
+            nonlocal received
+            if not received:
+                received = True
+                return {"type": "http.request", "body": b""}
+            await asyncio.Event().wait()
+            return {}
+
+        async def send(message: dict[str, Any]) -> None:
+            sent.append(message)
+
+        await asyncio.create_task(application(scope, receive, send))
+        assert sent[0]["status"] == 200, sent
+
+    async def main() -> None:
+        for _ in range(WARMUP_REQUESTS):
+            await asgi_request()
+        os.getppid()
+        for _ in range(n):
+            await asgi_request()
+        os.getppid()
+        if contender.env["DEMO_ORM"] == "async_db":
+            from django_async_db import async_connections
+
+            await async_connections.close_all()
+
+    asyncio.run(main())
+
+
+WARMUP_REQUESTS = 30
+CALLGRIND_REQUESTS = 50
+
+
+def callgrind(key: str, view: str, n: int, post_id: int) -> subprocess.Popen[str]:
+    """Start a process serving ``n`` measured requests under callgrind."""
+    out = Path(tempfile.mkdtemp(prefix="bench-http-cg-")) / "cg.out"
+    command = ["valgrind", "--tool=callgrind", "--dump-before=getppid"]
+    command += [f"--callgrind-out-file={out}", sys.executable, __file__]
+    command += ["--callgrind-run", key, view, str(n), str(post_id)]
+    return subprocess.Popen(
+        command,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONHASHSEED": "0"},
+    )
+
+
+def measured_instructions(proc: subprocess.Popen[str], what: str) -> int:
+    """Wait for a :func:`callgrind` process; return the instructions of its measured part.
+
+    ``--dump-before=getppid`` dumps the counters at each ``os.getppid()`` of the
+    runner: ``cg.out.1`` is start-up and warm-up, ``cg.out.2`` the measured requests.
+    """
+    _, stderr = proc.communicate()
+    out = Path(str(proc.args[3]).split("=", 1)[1])  # type: ignore[index]
+    try:
+        dumps = sorted(out.parent.glob("cg.out.*"))
+        if proc.returncode != 0 or len(dumps) != 2:
+            raise SystemExit(f"bench-http: callgrind {what} failed:\n{stderr[-2000:]}")
+        match = re.search(r"^totals: (\d+)", (out.parent / "cg.out.2").read_text(), re.M)
+        if match is None:
+            raise SystemExit(f"bench-http: callgrind {what}: no totals in its second dump")
+        return int(match.group(1))
+    finally:
+        shutil.rmtree(out.parent, ignore_errors=True)
+
+
+def instructions(post_id: int, requests: int) -> dict[str, dict[str, float]]:
+    """Return k instructions per request, by view and contender (two processes at a time)."""
+    cells = [(view, c.key) for view in CALLGRIND_VIEWS for c in CONTENDERS]
+    results: dict[str, dict[str, float]] = {}
+    for i in range(0, len(cells), 2):
+        batch = [
+            (view, key, callgrind(key, view, requests, post_id)) for view, key in cells[i : i + 2]
+        ]
+        for view, key, proc in batch:
+            per_request = measured_instructions(proc, f"{key} {view}") / requests / 1000
+            results.setdefault(view, {})[key] = per_request
+            say(f"callgrind {view:>4} {key:<20} {per_request:8,.0f} k instructions per request")
+    return results
+
+
 # --- report --------------------------------------------------------------------------------
 
 
@@ -459,6 +611,7 @@ def report(
     probes: dict[str, dict[str, Any]],
     peak: dict[str, int],
     idle: dict[str, int],
+    counts: dict[str, dict[str, float]] | None,
 ) -> str:
     import django
 
@@ -499,6 +652,32 @@ def report(
                 f"{sum(int(r['errors']) for r in rounds)} |"
             )
         lines.append("")
+    if counts:
+        lines += [
+            "### Instructions per request (callgrind, deterministic)",
+            "",
+            "The application called in-process (no HTTP server: the same for every ASGI "
+            f"contender), one request at a time, under valgrind's callgrind: {CALLGRIND_REQUESTS} "
+            f"requests after {WARMUP_REQUESTS} of warm-up, every thread's instructions "
+            "counted. Unlike requests/s, these do not depend on the machine's load.",
+            "",
+            "| contender | "
+            + " | ".join(f"{CALLGRIND_VIEWS[v][0]}: k instructions" for v in counts)
+            + " |",
+            "|---|" + "---:|" * len(counts),
+        ]
+        for c in CONTENDERS:
+            cells = []
+            for view in counts:
+                value, base = counts[view][c.key], counts[view][BASELINE]
+                cells.append(f"{value:,.0f} ({value / base:.2f}x)")
+            lines.append(f"| {c.title} | " + " | ".join(cells) + " |")
+        lines += [
+            "",
+            f"Views: `/bench/none/`, `/bench/one/`, `/bench/five/` (the `-sync/` twins for "
+            f"WSGI); ratios are to `{BASELINE}`.",
+            "",
+        ]
     lines += [
         "### Thread hops and server connections",
         "",
@@ -546,7 +725,15 @@ def main() -> int:
     parser.add_argument("--seconds", type=float)
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--output", type=Path, default=ROOT / "docs" / "benchmarks.md")
+    parser.add_argument(
+        "--no-callgrind", action="store_true", help="skip the instruction counts (valgrind)"
+    )
+    parser.add_argument("--callgrind-run", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.callgrind_run:
+        key, view, n, post = args.callgrind_run
+        run_in_process(key, view, int(n), int(post))
+        return 0
     args.rounds = args.rounds or (1 if args.quick else 3)
     args.seconds = args.seconds or (3.0 if args.quick else 10.0)
     if not shutil.which("wrk"):
@@ -561,7 +748,14 @@ def main() -> int:
             probes[c.key] = probe(c, post_id)
             say(f"probe {c.key}: {probes[c.key]['hops_per_request']:.2f} thread hops per request")
     results, peak, idle = measure(args, post_id)
-    section = report(args, results, probes, peak, idle)
+    counts = None
+    if args.quick or args.no_callgrind:
+        say("no instruction counts (--quick or --no-callgrind)")
+    elif shutil.which("valgrind") is None:
+        say("valgrind is not installed: no instruction counts (apt-get install valgrind)")
+    else:
+        counts = instructions(post_id, CALLGRIND_REQUESTS)
+    section = report(args, results, probes, peak, idle, counts)
     write_report(args.output, section)
     print(section)
     say(f"wrote {args.output}")

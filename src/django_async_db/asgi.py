@@ -43,7 +43,7 @@ import contextvars
 import functools
 import importlib
 import types
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Generator, Iterable
 from typing import Any
 
 import django
@@ -55,6 +55,7 @@ from django.utils.module_loading import import_string
 
 from ._bridge import await_only, in_bridge, run_sync
 from ._orm import _bridging_sync_to_async
+from ._storage import task_wrappers
 
 __all__ = ["ASGIHandler", "get_asgi_application"]
 
@@ -83,7 +84,12 @@ def _on_loop_receivers() -> tuple[Callable[..., Any], ...]:
 
 def _on_loop(receiver: Any) -> bool:
     # By identity: a receiver may be an unhashable object with its own __eq__.
-    return any(receiver is r for r in _on_loop_receivers())
+    return id(receiver) in _on_loop_ids()
+
+
+@functools.cache
+def _on_loop_ids() -> frozenset[int]:
+    return frozenset(id(r) for r in _on_loop_receivers())  # module functions: never freed
 
 
 def _request_thread_used() -> bool:
@@ -105,27 +111,56 @@ async def _gather(receivers: list[Any], signal: Signal, sender: Any, named: dict
     return list(zip(receivers, results, strict=True))
 
 
-def _send(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
-    """Send a request lifecycle signal from the bridge, Django's receivers on the loop.
+def _dispatch(
+    signal: Signal, sender: Any, named: dict[str, Any]
+) -> Generator[Awaitable[Any], Any, list[Any]]:
+    """Send a request lifecycle signal: the decisions, yielding what must be awaited.
 
-    Runs inside :func:`~django_async_db.run_sync`: Django's housekeeping
-    receivers act on this task's connections here; other sync receivers (and
-    the housekeeping again, if the request used its thread) run in the
-    request's thread-sensitive thread; async receivers are awaited together.
+    Django's housekeeping receivers run here, on this task's connections (the
+    caller drives this in the bridge when the task holds a connection); other
+    sync receivers, and the housekeeping again if the request used its thread,
+    run in the request's thread-sensitive thread; async receivers are awaited
+    together. :func:`_send` (in the bridge) and :func:`_asend` drive it.
     """
     sync_receivers, async_receivers = signal._live_receivers(sender)
     responses = _call([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
     thread_used = _request_thread_used()
     in_thread = [r for r in sync_receivers if thread_used or not _on_loop(r)]
     if in_thread:
-        responses += await_only(
-            asgiref_sync.sync_to_async(_call, thread_sensitive=True)(
-                in_thread, signal, sender, named
-            )
+        responses += yield asgiref_sync.sync_to_async(_call, thread_sensitive=True)(
+            in_thread, signal, sender, named
         )
     if async_receivers:
-        responses += await_only(_gather(async_receivers, signal, sender, named))
+        responses += yield _gather(async_receivers, signal, sender, named)
     return responses
+
+
+def _send(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
+    """Drive :func:`_dispatch` from sync code in the bridge."""
+    gen = _dispatch(signal, sender, named)
+    try:
+        awaitable = next(gen)
+        while True:
+            awaitable = gen.send(await_only(awaitable))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _asend(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
+    """Drive :func:`_dispatch` from async code: in the bridge only if the task holds a connection.
+
+    Without one (a server's new task per request, at ``request_started``) the
+    housekeeping receivers have nothing to wait for, and a greenlet is saved.
+    """
+    if any(w.connection is not None for w in task_wrappers().values()):
+        return await run_sync(_send, signal, sender, named)
+    gen = _dispatch(signal, sender, named)
+    try:
+        awaitable = next(gen)
+        while True:
+            awaitable = gen.send(await awaitable)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
 
 
 class _LifecycleSignal:
@@ -138,7 +173,7 @@ class _LifecycleSignal:
 
     async def asend(self, sender: Any, **named: Any) -> list[Any]:
         """Send from async code (the handler's ``request_started.asend()``)."""
-        return await run_sync(_send, self.signal, sender, named)
+        return await _asend(self.signal, sender, named)
 
     def send(self, sender: Any, **named: Any) -> list[Any]:
         """Send from the bridge (``response.close()`` run by the handler), else as Django."""

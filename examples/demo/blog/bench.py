@@ -18,6 +18,16 @@ from .models import Author, Comment, Counter, Post
 PROBE_COUNTER = "bench-probe"
 
 
+async def no_query(request: HttpRequest) -> HttpResponse:
+    """No database work: the cost of the request path alone."""
+    return JsonResponse({"ok": True})
+
+
+def no_query_sync(request: HttpRequest) -> HttpResponse:
+    """``no_query`` as a sync view."""
+    return JsonResponse({"ok": True})
+
+
 @api_view("GET")
 async def one_query(request: HttpRequest) -> HttpResponse:
     """One primary-key lookup."""

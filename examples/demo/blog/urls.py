@@ -17,6 +17,8 @@ urlpatterns = [
     path("metrics/", views.metrics, name="metrics"),
     path("export/posts.csv", views.export_posts_csv, name="export-posts"),
     # The HTTP benchmark's views (bench/http_bench.py).
+    path("bench/none/", bench.no_query),
+    path("bench/none-sync/", bench.no_query_sync),
     path("bench/one/", bench.one_query),
     path("bench/five/", bench.five_queries),
     path("bench/one-sync/", bench.one_query_sync),
