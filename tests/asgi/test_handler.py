@@ -223,3 +223,22 @@ async def test_middleware_hooks_hop_unless_listed_in_loop_middleware(hop_probe, 
     assert len(hops["stock"]) >= len(MIDDLEWARE)  # process_request/response in threads
     assert hops["loop"] == []
     assert thread_probe() == {threading.get_ident()}
+
+
+SESSION = "django.contrib.sessions.middleware.SessionMiddleware"
+
+
+@pytest.mark.django_db(transaction=True, available_apps=[*APPS, "django.contrib.sessions"])
+@override_settings(MIDDLEWARE=[SESSION], SESSION_ENGINE="django.contrib.sessions.backends.db")
+async def test_session_middleware_saves_on_the_loop_when_listed(hop_probe, thread_probe):
+    from django.contrib.sessions.models import Session
+
+    app = ASGIHandler([SESSION])
+    await request(app, "/session/")  # warm
+    before = len(hop_probe())
+    response = await request(app, "/session/")
+    assert response.status == 200
+    assert "sessionid" in response.headers["set-cookie"]
+    assert hop_probe()[before:] == []
+    assert thread_probe() == {threading.get_ident()}  # the session was saved on the loop
+    assert await Session.objects.acount() == 2

@@ -49,7 +49,14 @@ def sync_view(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"count": Author.objects.count()})
 
 
+async def session_write(request: HttpRequest) -> HttpResponse:
+    """Put a value in a new session: SessionMiddleware saves it to the database afterwards."""
+    request.session["visited"] = True
+    return JsonResponse({"ok": True})
+
+
 urlpatterns = [
+    path("session/", session_write),
     path("read-write/", read_write),
     path("queries-log/", queries_log),
     path("slow/", slow_query),
