@@ -236,19 +236,18 @@ def _middleware_on_loop(func: Callable[..., Any], args: tuple[Any, ...]) -> bool
     return handler is not None and owner is not None and type(owner) in handler.loop_middleware
 
 
-_installed = False
-
-
+@functools.cache
 def _install() -> None:
-    """Re-point the globals Django's ASGI path hops through (once; stock requests unchanged)."""
-    global _installed
-    if _installed:
-        return
-    _installed = True
+    """Re-point the globals Django's ASGI handler hops through (once; stock requests unchanged)."""
     proxy = _Signals("django.core.signals")
     django_asgi.signals = proxy  # type: ignore[attr-defined]
     importlib.import_module("django.http.response").signals = proxy  # type: ignore[attr-defined]
     django_asgi.sync_to_async = _handler_sync_to_async  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _install_middleware() -> None:
+    """Re-point ``sync_to_async`` of Django's middleware adapters (once a handler needs it)."""
     on_loop = _bridging_sync_to_async(_middleware_on_loop, "sync_to_async")
     for name in ("django.utils.deprecation", "django.core.handlers.base"):
         module = importlib.import_module(name)
@@ -274,6 +273,8 @@ class ASGIHandler(django_asgi.ASGIHandler):  # type: ignore[misc]
         self.loop_middleware: frozenset[type] = frozenset(
             import_string(m) if isinstance(m, str) else m for m in loop_middleware
         )
+        if self.loop_middleware:
+            _install_middleware()  # before super() adapts the middleware's hooks
         super().__init__()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
