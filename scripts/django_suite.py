@@ -5,7 +5,11 @@ Usage (with the virtual environment's Python and ``DATABASE_URL`` set; ``./dev
 django-suite`` does both)::
 
     python scripts/django_suite.py [--apps LABEL ...] [--quick] [--jobs N] [--docs]
-                                   [--backends stock,ours] [-- RUNTESTS_ARGS...]
+                                   [--backends stock,ours] [--asgi-handler]
+                                   [-- RUNTESTS_ARGS...]
+
+``--asgi-handler`` serves the suite's ASGI tests with ``django_async_db.asgi``'s
+handler on our ENGINE (``--apps asgi handlers signals requests_tests``).
 
 1. The sdist of the installed Django is downloaded once (``pip download
    --no-binary :all: --no-deps django==X``) into ``.cache/django-sdist/`` and
@@ -680,7 +684,21 @@ def split_labels(labels: list[str], shards: int) -> list[list[str]]:
     return [sorted(group) for _, _, group in sorted(heap, key=lambda item: item[1]) if group]
 
 
-def write_shard_modules(shard: Shard, run_id: str, db: dict[str, str]) -> None:
+# --asgi-handler: every ASGIHandler the suite builds is django_async_db.asgi's.
+ASGI_HANDLER_SETTINGS = """
+import django.core.asgi
+import django.core.handlers.asgi
+import django_async_db.asgi
+
+django.core.handlers.asgi.ASGIHandler = django_async_db.asgi.ASGIHandler
+django.core.asgi.ASGIHandler = django_async_db.asgi.ASGIHandler
+django.core.asgi.get_asgi_application = django_async_db.asgi.get_asgi_application
+"""
+
+
+def write_shard_modules(
+    shard: Shard, run_id: str, db: dict[str, str], *, asgi_handler: bool = False
+) -> None:
     """Write the settings module of ``shard`` (and the shared runner once)."""
     support = shard.run_dir / "djsuite_support.py"
     if not support.exists():
@@ -701,6 +719,8 @@ def write_shard_modules(shard: Shard, run_id: str, db: dict[str, str]) -> None:
         extra_apps=extra_apps,
         databases=databases,
     )
+    if asgi_handler and shard.backend == "ours":
+        text += ASGI_HANDLER_SETTINGS
     (shard.run_dir / f"djsuite_settings_{shard.name.replace('-', '_')}.py").write_text(
         text, encoding="utf-8"
     )
@@ -1471,6 +1491,11 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
         help="do not run differing tests a second time to filter out flaky ones",
     )
     parser.add_argument(
+        "--asgi-handler",
+        action="store_true",
+        help="on our ENGINE, replace Django's ASGIHandler with django_async_db.asgi's",
+    )
+    parser.add_argument(
         "--docs-only",
         action="store_true",
         help="only rewrite docs/compatibility.md from the stored results",
@@ -1517,7 +1542,7 @@ def rerun_differences(
     info(f"running the {len(labels)} differing tests again on both backends")
     shards = [Shard(backend, "rerun", labels, run_dir) for backend in ("stock", "ours")]
     for shard in shards:
-        write_shard_modules(shard, run_id, db)
+        write_shard_modules(shard, run_id, db, asgi_handler=args.asgi_handler)
     run_shards(
         shards,
         tests_dir,
@@ -1586,7 +1611,7 @@ def main(argv: list[str]) -> int:
         for i, group in enumerate(groups)
     ]
     for shard in shards:
-        write_shard_modules(shard, run_id, db)
+        write_shard_modules(shard, run_id, db, asgi_handler=args.asgi_handler)
     started = time.monotonic()
     load_at_start = os.getloadavg()[0]
     run_shards(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.urls import path
 
-from . import views
+from . import bench, views
 
 urlpatterns = [
     path("", views.index, name="index"),
@@ -16,4 +16,13 @@ urlpatterns = [
     path("stats/", views.stats, name="stats"),
     path("metrics/", views.metrics, name="metrics"),
     path("export/posts.csv", views.export_posts_csv, name="export-posts"),
+    # The HTTP benchmark's views (bench/http_bench.py).
+    path("bench/none/", bench.no_query),
+    path("bench/none-sync/", bench.no_query_sync),
+    path("bench/one/", bench.one_query),
+    path("bench/five/", bench.five_queries),
+    path("bench/one-sync/", bench.one_query_sync),
+    path("bench/five-sync/", bench.five_queries_sync),
+    path("bench/read-write/", bench.read_write),
+    path("bench/probe/", bench.probe_counts),
 ]

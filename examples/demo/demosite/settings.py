@@ -5,7 +5,9 @@
 * ``DEMO_ORM``: ``async_db`` (default: ENGINE ``django_async_db.backends.postgresql``
   and the ``django_async_db`` app) or ``stock`` (Django's own postgresql
   backend and async API; the views take their stock code paths).
-* ``DEMO_POOL_MAX``: connections in the pool (default 10); ``DEMO_DEBUG=1``.
+* ``DEMO_POOL_MAX``: connections in the pool (default 10); ``DEMO_POOL_MAX_IDLE``:
+  seconds an idle connection above the pool's minimum is kept (default 600);
+  ``DEMO_DEBUG=1``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,11 @@ DATABASES = {
         "PORT": str(_url.port or 5432),
         # The same pool size for both variants, so the load comparison is fair.
         "OPTIONS": {
-            "pool": {"min_size": 2, "max_size": int(os.environ.get("DEMO_POOL_MAX", "10"))}
+            "pool": {
+                "min_size": 2,
+                "max_size": int(os.environ.get("DEMO_POOL_MAX", "10")),
+                "max_idle": float(os.environ.get("DEMO_POOL_MAX_IDLE", "600")),
+            }
         },
     }
 }

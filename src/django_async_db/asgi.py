@@ -1,0 +1,295 @@
+"""An ASGI handler whose request lifecycle makes no thread hop for database reasons.
+
+Django's :class:`~django.core.handlers.asgi.ASGIHandler` spends two thread
+hops on every request before any view code runs:
+
+* ``request_started.asend()`` runs the sync receivers (Django's
+  ``reset_queries`` and ``close_old_connections``) through ``sync_to_async``;
+* ``sync_to_async(response.close)()`` runs the response's closers and
+  ``request_finished.send()`` (``close_old_connections`` again) in a thread.
+
+:class:`ASGIHandler` keeps Django's handler (its ``handle()`` is not copied),
+and changes only those two steps, for the requests it serves:
+
+* Django's own housekeeping receivers (``close_old_connections``,
+  ``reset_queries``) run in the bridge, in the request's task: the task's
+  connections on this package's ENGINE are health-checked, given back to the
+  pool at request end, and their ``queries_log`` cleared, on the loop;
+* the response is closed in the bridge too (closers, then ``request_finished``);
+* every other sync receiver still runs in the request's thread-sensitive
+  thread, as with Django (write it ``async def`` to avoid the hop), and async
+  receivers are awaited concurrently, as Django does;
+* if the request did use its thread (a sync middleware or view, a sync
+  receiver), Django's housekeeping receivers also run there, for the
+  connections that thread opened: sync aliases keep Django's behaviour.
+
+Sync hooks of ``MiddlewareMixin`` middleware (``process_request``,
+``process_response``, ``process_view``, ...) hop to a thread too; the
+``loop_middleware`` argument lists the middleware whose sync hooks may run in
+the bridge on the loop instead (their database I/O becomes awaits; anything
+else that blocks would block the loop). Example, in ``asgi.py``::
+
+    from django_async_db.asgi import get_asgi_application
+
+    application = get_asgi_application(
+        loop_middleware=["django.middleware.common.CommonMiddleware"],
+    )
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import importlib
+import types
+from collections.abc import Awaitable, Callable, Generator, Iterable
+from typing import Any
+
+import django
+from asgiref import sync as asgiref_sync
+from django.core import signals as django_signals
+from django.core.handlers import asgi as django_asgi
+from django.dispatch import Signal
+from django.utils.module_loading import import_string
+
+from ._bridge import await_only, in_bridge, run_sync
+from ._orm import _bridging_sync_to_async
+from ._storage import task_wrappers
+
+__all__ = ["ASGIHandler", "get_asgi_application"]
+
+#: The handler of this package serving the current request (None otherwise).
+_serving: contextvars.ContextVar[ASGIHandler | None] = contextvars.ContextVar(
+    "django_async_db_asgi_serving", default=None
+)
+
+
+@functools.cache
+def _on_loop_receivers() -> tuple[Callable[..., Any], ...]:
+    """Return Django's own request housekeeping receivers, safe to run on the loop.
+
+    ``close_old_connections`` and ``reset_queries`` act on the calling task's
+    connections (in the bridge: health check, release, ``queries_log``);
+    ``close_caches`` and ``reset_urlconf`` act on context-local state, which
+    the request's task shares with its thread; none waits on anything but the
+    database.
+    """
+    from django.core.cache import close_caches
+    from django.core.handlers.base import reset_urlconf
+    from django.db import close_old_connections, reset_queries
+
+    return (close_old_connections, reset_queries, close_caches, reset_urlconf)
+
+
+def _on_loop(receiver: Any) -> bool:
+    # By identity: a receiver may be an unhashable object with its own __eq__.
+    return id(receiver) in _on_loop_ids()
+
+
+@functools.cache
+def _on_loop_ids() -> frozenset[int]:
+    return frozenset(id(r) for r in _on_loop_receivers())  # module functions: never freed
+
+
+def _request_thread_used() -> bool:
+    """Return True if this request already ran sync code in a thread-sensitive thread."""
+    if getattr(asgiref_sync.AsyncToSync.executors, "current", None) is not None:
+        return True  # served from inside async_to_sync: the outer sync thread is used
+    context = asgiref_sync.SyncToAsync.thread_sensitive_context.get(None)
+    if context is None:
+        return True  # the loop's shared thread-sensitive thread: clean it as Django does
+    return context in asgiref_sync.SyncToAsync.context_to_thread_executor
+
+
+def _call(receivers: list[Any], signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
+    return [(r, r(signal=signal, sender=sender, **named)) for r in receivers]
+
+
+async def _gather(receivers: list[Any], signal: Signal, sender: Any, named: dict[str, Any]) -> Any:
+    results = await asyncio.gather(*(r(signal=signal, sender=sender, **named) for r in receivers))
+    return list(zip(receivers, results, strict=True))
+
+
+def _dispatch(
+    signal: Signal, sender: Any, named: dict[str, Any]
+) -> Generator[Awaitable[Any], Any, list[Any]]:
+    """Send a request lifecycle signal: the decisions, yielding what must be awaited.
+
+    Django's housekeeping receivers run here, on this task's connections (the
+    caller drives this in the bridge when the task holds a connection); other
+    sync receivers, and the housekeeping again if the request used its thread,
+    run in the request's thread-sensitive thread; async receivers are awaited
+    together. :func:`_send` (in the bridge) and :func:`_asend` drive it.
+    """
+    sync_receivers, async_receivers = signal._live_receivers(sender)
+    responses = _call([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
+    thread_used = _request_thread_used()
+    in_thread = [r for r in sync_receivers if thread_used or not _on_loop(r)]
+    if in_thread:
+        responses += yield asgiref_sync.sync_to_async(_call, thread_sensitive=True)(
+            in_thread, signal, sender, named
+        )
+    if async_receivers:
+        responses += yield _gather(async_receivers, signal, sender, named)
+    return responses
+
+
+def _send(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
+    """Drive :func:`_dispatch` from sync code in the bridge."""
+    gen = _dispatch(signal, sender, named)
+    try:
+        awaitable = next(gen)
+        while True:
+            awaitable = gen.send(await_only(awaitable))
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+async def _asend(signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
+    """Drive :func:`_dispatch` from async code: in the bridge only if the task holds a connection.
+
+    Without one (a server's new task per request, at ``request_started``) the
+    housekeeping receivers have nothing to wait for, and a greenlet is saved.
+    """
+    if any(w.connection is not None for w in task_wrappers().values()):
+        return await run_sync(_send, signal, sender, named)
+    gen = _dispatch(signal, sender, named)
+    try:
+        awaitable = next(gen)
+        while True:
+            awaitable = gen.send(await awaitable)
+    except StopIteration as done:
+        return done.value  # type: ignore[no-any-return]
+
+
+class _LifecycleSignal:
+    """A request lifecycle signal as this package's handler sends it."""
+
+    __slots__ = ("signal",)
+
+    def __init__(self, signal: Signal) -> None:
+        self.signal = signal
+
+    async def asend(self, sender: Any, **named: Any) -> list[Any]:
+        """Send from async code (the handler's ``request_started.asend()``)."""
+        return await _asend(self.signal, sender, named)
+
+    def send(self, sender: Any, **named: Any) -> list[Any]:
+        """Send from the bridge (``response.close()`` run by the handler), else as Django."""
+        if not in_bridge():
+            return self.signal.send(sender=sender, **named)  # type: ignore[no-any-return]
+        return _send(self.signal, sender, named)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.signal, name)
+
+
+class _Signals(types.ModuleType):
+    """``django.core.signals`` as Django's handler and responses see it.
+
+    For a request this package's handler serves, the two request lifecycle
+    signals are sent the way :func:`_send` does; otherwise they are Django's.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(django_signals, name)
+
+    @property
+    def request_started(self) -> Any:
+        if _serving.get() is None:
+            return django_signals.request_started
+        return _LifecycleSignal(django_signals.request_started)
+
+    @property
+    def request_finished(self) -> Any:
+        if _serving.get() is None:
+            return django_signals.request_finished
+        return _LifecycleSignal(django_signals.request_finished)
+
+
+def _is_response_close(func: Any) -> bool:
+    from django.http import HttpResponseBase
+
+    return getattr(func, "__name__", None) == "close" and isinstance(
+        getattr(func, "__self__", None), HttpResponseBase
+    )
+
+
+def _handler_sync_to_async(func: Any = None, **kwargs: Any) -> Any:
+    """``sync_to_async`` for Django's ASGI handler module: responses close in the bridge."""
+    if func is not None and _serving.get() is not None and _is_response_close(func) and not kwargs:
+
+        async def close() -> None:
+            await run_sync(func)
+
+        return close
+    if func is None:
+        return functools.partial(_handler_sync_to_async, **kwargs)
+    return asgiref_sync.sync_to_async(func, **kwargs)
+
+
+def _middleware_on_loop(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """Decide for a middleware's sync hook: bridge it if its handler allows it."""
+    handler = _serving.get()
+    owner = getattr(func, "__self__", None)
+    return handler is not None and owner is not None and type(owner) in handler.loop_middleware
+
+
+@functools.cache
+def _install() -> None:
+    """Re-point the globals Django's ASGI handler hops through (once; stock requests unchanged)."""
+    proxy = _Signals("django.core.signals")
+    django_asgi.signals = proxy  # type: ignore[attr-defined]
+    importlib.import_module("django.http.response").signals = proxy  # type: ignore[attr-defined]
+    django_asgi.sync_to_async = _handler_sync_to_async  # type: ignore[attr-defined]
+
+
+@functools.cache
+def _install_middleware() -> None:
+    """Re-point ``sync_to_async`` of Django's middleware adapters (once a handler needs it)."""
+    on_loop = _bridging_sync_to_async(_middleware_on_loop, "sync_to_async")
+    for name in ("django.utils.deprecation", "django.core.handlers.base"):
+        module = importlib.import_module(name)
+        if getattr(module, "sync_to_async", None) is asgiref_sync.sync_to_async:
+            module.sync_to_async = on_loop  # type: ignore[attr-defined]
+
+
+class ASGIHandler(django_asgi.ASGIHandler):  # type: ignore[misc]
+    """Django's ASGI handler, with the request lifecycle's database work on the loop.
+
+    Example::
+
+        from django_async_db.asgi import ASGIHandler
+
+        application = ASGIHandler(loop_middleware=["django.middleware.common.CommonMiddleware"])
+
+    Call ``django.setup()`` first, or use :func:`get_asgi_application`.
+    """
+
+    def __init__(self, loop_middleware: Iterable[str | type] = ()) -> None:
+        _install()
+        #: Middleware classes whose sync hooks run in the bridge instead of a thread.
+        self.loop_middleware: frozenset[type] = frozenset(
+            import_string(m) if isinstance(m, str) else m for m in loop_middleware
+        )
+        if self.loop_middleware:
+            _install_middleware()  # before super() adapts the middleware's hooks
+        super().__init__()
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        token = _serving.set(self)
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _serving.reset(token)
+
+
+def get_asgi_application(loop_middleware: Iterable[str | type] = ()) -> ASGIHandler:
+    """Set up Django and return this package's :class:`ASGIHandler`.
+
+    The drop-in for ``django.core.asgi.get_asgi_application()``; see the
+    module's documentation for ``loop_middleware``.
+    """
+    django.setup(set_prefix=False)
+    return ASGIHandler(loop_middleware)
