@@ -106,6 +106,34 @@ def _call(receivers: list[Any], signal: Signal, sender: Any, named: dict[str, An
     return [(r, r(signal=signal, sender=sender, **named)) for r in receivers]
 
 
+def _call_on_loop(
+    receivers: list[Any], signal: Signal, sender: Any, named: dict[str, Any]
+) -> list[Any]:
+    """Call the housekeeping receivers in the request's task.
+
+    At ``request_finished`` the task is about to end: ``close_old_connections``
+    still drops a task-owned connection that is unusable (Django's checks),
+    but leaves a healthy one to the end of the task, which parks it for the
+    next request instead of handing it to psycopg_pool now.
+    """
+    from django.db import close_old_connections, connections
+
+    if signal is not django_signals.request_finished:
+        return _call(receivers, signal, sender, named)
+    responses = []
+    for r in receivers:
+        if r is close_old_connections:
+            for conn in connections.all(initialized_only=True):
+                if getattr(conn, "is_async", False):
+                    conn.close_if_unusable()  # type: ignore[attr-defined]
+                else:
+                    conn.close_if_unusable_or_obsolete()
+            responses.append((r, None))
+        else:
+            responses.append((r, r(signal=signal, sender=sender, **named)))
+    return responses
+
+
 async def _gather(receivers: list[Any], signal: Signal, sender: Any, named: dict[str, Any]) -> Any:
     results = await asyncio.gather(*(r(signal=signal, sender=sender, **named) for r in receivers))
     return list(zip(receivers, results, strict=True))
@@ -123,7 +151,7 @@ def _dispatch(
     together. :func:`_send` (in the bridge) and :func:`_asend` drive it.
     """
     sync_receivers, async_receivers = signal._live_receivers(sender)
-    responses = _call([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
+    responses = _call_on_loop([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
     thread_used = _request_thread_used()
     in_thread = [r for r in sync_receivers if thread_used or not _on_loop(r)]
     if in_thread:

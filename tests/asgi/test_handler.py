@@ -12,9 +12,11 @@ from django.core.handlers.asgi import ASGIHandler as DjangoASGIHandler
 from django.core.signals import request_finished, request_started
 from django.test import override_settings
 
+from django_async_db import pool_stats
 from django_async_db.asgi import ASGIHandler, get_asgi_application
 from tests.asgi.client import request
 from tests.asgi.urls import SEEN
+from tests.conftest import wait_until
 
 APPS = ["django_async_db", "tests.testapp"]
 pytestmark = [
@@ -72,9 +74,35 @@ async def test_djangos_handler_hops_for_the_same_view(hop_probe):
 async def test_connection_returned_to_the_pool_at_request_end():
     app = ASGIHandler()
     assert (await request(app, "/read-write/")).status == 200
-    # close_old_connections ran on the loop for the request's task at request_finished.
-    assert SEEN["wrapper"].connection is None  # type: ignore[attr-defined]
+    await asyncio.sleep(0)  # the request task's done callbacks
     assert SEEN["view_thread"] == threading.get_ident()
+    # No task holds it: it waits, parked with its wrapper, for the next request.
+    assert pool_stats("default")["in_use"] == 0
+    first = SEEN["wrapper"]
+    assert (await request(app, "/read-write/")).status == 200
+    assert SEEN["wrapper"] is first
+
+
+async def test_a_connection_broken_during_the_request_is_not_kept_for_the_next():
+    app = ASGIHandler()
+
+    def break_connection(sender: Any, **kwargs: Any) -> None:
+        wrapper = SEEN["wrapper"]
+        wrapper.errors_occurred = True  # type: ignore[attr-defined]
+        wrapper.connection.pgconn.finish()  # type: ignore[attr-defined]
+
+    request_finished.connect(break_connection)
+    try:
+        assert (await request(app, "/read-write/")).status == 200
+    finally:
+        request_finished.disconnect(break_connection)
+
+    async def released() -> bool:
+        return pool_stats("default")["in_use"] == 0  # type: ignore[no-any-return]
+
+    assert await wait_until(released)
+    assert pool_stats("default")["connections_parked"] == 0
+    assert (await request(app, "/read-write/")).status == 200  # on a sound connection
 
 
 async def test_users_receivers_still_run():

@@ -210,6 +210,25 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         pool.release(view)
         return True
 
+    def close_if_unusable(self) -> None:
+        """Do Django's ``close_if_unusable_or_obsolete()`` except closing an old connection.
+
+        For a task-owned wrapper at the end of a request: the connection's
+        lifetime is the task's (and the pool's ``max_lifetime``), not
+        ``CONN_MAX_AGE``.
+        """
+        if self.connection is None:
+            return
+        self.health_check_done = False
+        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:
+            self.close()
+        elif self.errors_occurred:
+            if self.is_usable():
+                self.errors_occurred = False
+                self.health_check_done = True
+            else:
+                self.close()
+
     def reuse(self) -> None:
         """Reset what a new wrapper would not carry over (a task takes this one)."""
         self.queries_log.clear()
