@@ -1,0 +1,482 @@
+"""Reuse compiled SQL for repeated query shapes (the compiled SQL cache).
+
+``Book.objects.aget(pk=1)`` and ``Book.objects.aget(pk=2)`` differ only in a
+parameter value, yet Django clones the queryset, resolves the lookup, joins
+and compiles the SQL again on every call. On this ENGINE, ``aget()`` on a
+*pristine* queryset (the one a stock manager hands out: no filter, ordering,
+``select_related``, ``only``/``defer``, annotation ...) with keyword equality
+lookups takes a shorter road from the second call of a shape on:
+
+1. The shape key is computed without compiling: the queryset class, model,
+   the alias the router chooses for this call, the fetch mode, the lookup
+   names in call order and the exact type of each value (and the value itself
+   for booleans, which Django compiles differently for ``True`` and ``False``).
+2. On the first call of a shape (a miss), Django's path runs as usual; the
+   same queryset is also compiled once by Django (``filter()``, ``order_by()``,
+   ``set_limits()``, ``as_sql()``) and the cache entry keeps the SQL text, the
+   lookup objects of the WHERE clause, the column converters and the model's
+   attribute names. The entry is only kept if the parameters rebuilt from the
+   lookups equal Django's own for that call; otherwise the shape is marked
+   as "use Django's path" for good.
+3. On a hit, the parameters are rebuilt with Django's own lookup classes
+   (``Exact(col, value)`` → ``get_prep_value`` → ``get_db_prep_value``, so
+   conversions and validation errors are Django's), the cached SQL runs through
+   Django's cursor wrapper (``connection.cursor()``: execute wrappers, query
+   logging, ``assertNumQueries`` and transaction checks apply), the column
+   converters run as in ``SQLCompiler.apply_converters`` and rows become
+   instances as in ``ModelIterable``: directly when the model has plain
+   field descriptors, no ``__init__``/``from_db`` override and no
+   ``pre_init``/``post_init`` receivers, through ``Model.from_db`` otherwise.
+
+Anything else (positional ``Q`` arguments, ``None`` or expression values,
+lookups other than ``exact``, related-field paths, querysets with prior state,
+custom queryset or query classes that change the methods involved) takes
+Django's path unchanged. ``DATABASES[alias]["OPTIONS"]["compiled_sql_cache"] =
+False`` turns the cache off for an alias.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from collections import OrderedDict
+from collections.abc import Callable, Hashable
+from datetime import date, datetime, time
+from decimal import Decimal
+from typing import Any, NamedTuple
+from uuid import UUID
+
+from django.core.signals import setting_changed
+from django.db import connections
+from django.db.models import Model, signals
+from django.db.models.expressions import Col
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
+from django.db.models.query import ModelIterable, QuerySet
+from django.db.models.query_utils import DeferredAttribute
+from django.db.models.sql import Query
+from django.db.models.sql.where import AND
+
+from ._bridge import run_sync
+
+__all__ = ["CacheInfo", "cache_info", "clear_cache", "install"]
+
+ENGINE = "django_async_db.backends.postgresql"
+
+#: How many query shapes the cache holds (least recently used ones go first).
+MAX_ENTRIES = 1024
+
+#: Value types whose preparation cannot change the SQL text (None, model
+#: instances, expressions and querysets can: they take Django's path).
+_PLAIN_TYPES = frozenset({int, str, float, Decimal, UUID, date, datetime, time, bytes})
+
+#: ``QuerySet`` attributes ``get()`` relies on: a subclass overriding one of
+#: them takes Django's path.
+_GET_METHODS = (
+    "get",
+    "filter",
+    "_filter_or_exclude",
+    "_filter_or_exclude_inplace",
+    "order_by",
+    "_chain",
+    "_clone",
+    "__len__",
+    "_fetch_all",
+    "db",
+    "query",
+    "__init__",
+)
+
+# ``MAX_GET_RESULTS`` is what get() puts in LIMIT.
+from django.db.models.query import MAX_GET_RESULTS  # noqa: E402
+
+try:  # Django >= 6.1: fetch modes, from_db(..., fetch_mode=)
+    from django.db.models.query import _get_from_db  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Django < 6.1
+    _get_from_db = None
+
+
+class CacheInfo(NamedTuple):
+    """Counters of the compiled SQL cache (see :func:`cache_info`)."""
+
+    hits: int
+    misses: int
+    bypassed: int
+    size: int
+    max_size: int
+
+
+class _Entry:
+    """A compiled ``get()`` shape: SQL, lookups to rebuild parameters, row conversion."""
+
+    __slots__ = (
+        "attnames",
+        "converters",
+        "direct",
+        "fk_positions",
+        "lookups",
+        "model",
+        "order",
+        "sql",
+    )
+
+    def __init__(
+        self,
+        model: type[Model],
+        sql: str,
+        lookups: list[tuple[Callable[..., Any], Any]],
+        order: tuple[int, ...],
+        attnames: tuple[str, ...],
+        converters: list[tuple[int, tuple[list[Any], Any]]],
+        direct: bool,
+        fk_positions: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        self.sql = sql
+        self.lookups = lookups
+        self.order = order
+        self.attnames = attnames
+        self.converters = converters
+        self.direct = direct
+        self.fk_positions = fk_positions
+
+
+_cache: OrderedDict[Hashable, _Entry | None] = OrderedDict()
+_lock = threading.Lock()
+_hits = _misses = _bypassed = 0
+# alias -> fast path allowed (ENGINE is ours and OPTIONS["compiled_sql_cache"] is not False)
+_alias_enabled: dict[str, bool] = {}
+# QuerySet subclass -> its get() machinery is Django's
+_stock_classes: dict[type, bool] = {QuerySet: True}
+# model -> pristine Query.__dict__ to compare with
+_pristine: dict[type[Model], dict[str, Any]] = {}
+
+
+def cache_info() -> CacheInfo:
+    """Return the compiled SQL cache's hit, miss and bypass counts and its size.
+
+    ``bypassed`` counts calls that took Django's path because their shape is
+    not cacheable.
+    """
+    return CacheInfo(_hits, _misses, _bypassed, len(_cache), MAX_ENTRIES)
+
+
+def clear_cache() -> None:
+    """Forget every compiled query shape and reset the counters.
+
+    Done automatically when a setting changes (``override_settings``) or the
+    app registry is reloaded; call it after changing models or fields at run
+    time by other means.
+    """
+    global _hits, _misses, _bypassed
+    with _lock:
+        _cache.clear()
+        _alias_enabled.clear()
+        _stock_classes.clear()
+        _stock_classes[QuerySet] = True
+        _pristine.clear()
+        _hits = _misses = _bypassed = 0
+
+
+def _on_setting_changed(**kwargs: Any) -> None:
+    clear_cache()
+
+
+def _alias_allowed(alias: str) -> bool:
+    allowed = _alias_enabled.get(alias)
+    if allowed is None:
+        settings = connections.settings.get(alias)
+        allowed = (
+            settings is not None
+            and settings["ENGINE"] == ENGINE
+            and settings.get("OPTIONS", {}).get("compiled_sql_cache", True) is not False
+        )
+        _alias_enabled[alias] = allowed
+    return allowed
+
+
+def _is_stock_class(cls: type) -> bool:
+    stock = _stock_classes.get(cls)
+    if stock is None:
+        stock = all(getattr(cls, name) is getattr(QuerySet, name) for name in _GET_METHODS)
+        _stock_classes[cls] = stock
+    return stock
+
+
+def _is_pristine(qs: QuerySet[Any]) -> bool:
+    """Return True if ``qs`` is what a stock manager's ``get_queryset()`` returns."""
+    if (
+        qs._deferred_filter is not None  # type: ignore[attr-defined]
+        or qs._iterable_class is not ModelIterable
+        or qs._fields is not None  # type: ignore[attr-defined]
+        or qs._prefetch_related_lookups  # type: ignore[attr-defined]
+        or qs._known_related_objects  # type: ignore[attr-defined]
+        or qs._sticky_filter  # type: ignore[attr-defined]
+        or qs._defer_next_filter  # type: ignore[attr-defined]
+        or not _is_stock_class(type(qs))
+    ):
+        return False
+    query = qs._query  # type: ignore[attr-defined]
+    if type(query) is not Query:
+        return False
+    model = qs.model
+    pristine = _pristine.get(model)
+    if pristine is None:
+        pristine = _pristine[model] = Query(model).__dict__
+    # Every attribute a queryset method sets lands in the instance dict: equal
+    # dicts (WhereNode compares its children) mean an untouched query.
+    return query.__dict__ == pristine  # type: ignore[no-any-return]
+
+
+def _get_key(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> Hashable | None:
+    """Return the shape key of ``qs.get(**kwargs)``, or None if it must take Django's path."""
+    parts: list[Any] = ["get", type(qs), qs.model, alias, getattr(qs, "_fetch_mode", None)]
+    for name, value in kwargs.items():
+        kind = type(value)
+        if kind is bool:
+            parts.append((name, value))
+        elif kind in _PLAIN_TYPES:
+            parts.append((name, kind))
+        else:
+            return None
+    return tuple(parts)
+
+
+def _direct_construction(model: type[Model], attnames: tuple[str, ...]) -> bool:
+    """Return True if rows can become instances without calling ``Model.__init__``."""
+    if (
+        model.__init__ is not Model.__init__  # type: ignore[misc]
+        or model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
+        or model._meta.abstract
+    ):
+        return False
+    for name in attnames:
+        descriptor = model.__dict__.get(name)
+        if descriptor is None:
+            descriptor = getattr(model, name, None)
+        if type(descriptor) not in (DeferredAttribute, ForeignKeyDeferredAttribute):
+            return False
+    return True
+
+
+def _has_init_receivers(model: type[Model]) -> bool:
+    return bool(
+        (signals.pre_init.receivers and signals.pre_init.has_listeners(model))
+        or (signals.post_init.receivers and signals.post_init.has_listeners(model))
+    )
+
+
+def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entry | None:
+    """Compile ``qs.get(**kwargs)`` the way Django does; return its entry, or None.
+
+    Runs in the bridge (compiling may need the server version).
+    """
+    names = list(kwargs)
+    for name in names:
+        base = name[: -len("__exact")] if name.endswith("__exact") else name
+        if "__" in base:
+            return None  # a path through relations or another lookup
+    clone = qs.filter(**kwargs)
+    clone = clone.order_by()  # get() on a pristine queryset: can_filter(), no distinct
+    clone.query.set_limits(high=MAX_GET_RESULTS)
+    connection = connections[alias]
+    compiler = clone.query.get_compiler(using=alias)
+    sql, params = compiler.as_sql()
+    klass_info = compiler.klass_info
+    if (
+        not klass_info
+        or klass_info.get("related_klass_infos")
+        or compiler.annotation_col_map
+        or compiler.has_extra_select
+        or len(compiler.select) != compiler.col_count
+    ):
+        return None
+    model = klass_info["model"]
+    if model is not qs.model:
+        return None
+    select = compiler.select
+    fields = [s[0] for s in select]
+    if compiler.has_composite_fields(fields):
+        return None
+    attnames = tuple(f.target.attname for f in fields)
+    if list(attnames) != [f.attname for f in model._meta.concrete_fields]:
+        return None
+    if list(klass_info["select_fields"]) != list(range(len(fields))):
+        return None
+    where = clone.query.where
+    if where.connector != AND or where.negated or len(where.children) != len(names):
+        return None
+    # Q() sorts keyword lookups: child i is the i-th name in sorted order.
+    order = tuple(names.index(name) for name in sorted(names))
+    lookups: list[tuple[Callable[..., Any], Any]] = []
+    rebuilt: list[Any] = []
+    children: list[Any] = list(where.children)
+    for child, position in zip(children, order, strict=True):
+        if getattr(child, "lookup_name", None) != "exact" or type(child.lhs) is not Col:
+            return None
+        lookup = type(child)(child.lhs, kwargs[names[position]])
+        rhs_sql, rhs_params = lookup.process_rhs(compiler, connection)
+        if rhs_sql != "%s" or len(rhs_params) != 1:
+            return None
+        rebuilt.extend(rhs_params)
+        lookups.append((type(child), child.lhs))
+    if tuple(rebuilt) != tuple(params) or any(
+        type(a) is not type(b) for a, b in zip(rebuilt, params, strict=True)
+    ):
+        return None
+    converters = list(compiler.get_converters(fields).items())
+    fk_positions = tuple(
+        i
+        for i, name in enumerate(attnames)
+        if type(getattr(model, name, None)) is ForeignKeyDeferredAttribute
+    )
+    return _Entry(
+        model,
+        sql,
+        lookups,
+        order,
+        attnames,
+        converters,
+        _direct_construction(model, attnames),
+        fk_positions,
+    )
+
+
+def _store(key: Hashable, entry: _Entry | None) -> None:
+    with _lock:
+        _cache[key] = entry
+        if len(_cache) > MAX_ENTRIES:
+            _cache.popitem(last=False)
+
+
+def _miss_get(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
+    """Run Django's ``get()`` and remember the shape's compiled form (in the bridge)."""
+    try:
+        entry = _compile_get(qs, alias, kwargs)
+    except Exception:
+        entry = None
+        cacheable = False  # e.g. a value Django rejects: try again with the next one
+    else:
+        cacheable = True
+    result = qs.get(**kwargs)
+    if cacheable:
+        _store(key, entry)
+    return result
+
+
+def _rows_to_objects(entry: _Entry, rows: list[Any], alias: str, fetch_mode: Any) -> list[Any]:
+    """Turn result rows into instances exactly as ``ModelIterable`` does."""
+    model = entry.model
+    connection = connections[alias]
+    if entry.converters:
+        converted = []
+        for row in rows:
+            row = list(row)
+            for pos, (convs, expression) in entry.converters:
+                value = row[pos]
+                for converter in convs:
+                    value = converter(value, expression, connection)
+                row[pos] = value
+            converted.append(row)
+        rows = converted
+    objs: list[Any] = []
+    if entry.direct and not _has_init_receivers(model):
+        from django.db.models.base import ModelState
+
+        attnames = entry.attnames
+        fk_positions = entry.fk_positions
+        new = object.__new__
+        for row in rows:
+            obj = new(model)
+            state = ModelState()
+            if any(row[i] is not None for i in fk_positions):
+                # Model.__init__ sets FKs through their descriptor, which
+                # creates the instance's (empty) related-object cache.
+                state.fields_cache = {}
+            obj.__dict__["_state"] = state
+            obj.__dict__.update(zip(attnames, row, strict=True))
+            state.adding = False
+            state.db = alias
+            if fetch_mode is not None:
+                state.fetch_mode = fetch_mode
+            objs.append(obj)
+    else:
+        # Django < 6.1 has no fetch modes (and no _get_from_db).
+        from_db = _get_from_db(model, fetch_mode) if _get_from_db is not None else model.from_db
+        attnames_list = list(entry.attnames)
+        objs = [from_db(alias, attnames_list, row) for row in rows]
+    if fetch_mode is not None and fetch_mode.track_peers:
+        peers: list[Any] = []
+        for obj in objs:
+            peers.append(weakref.ref(obj))
+            obj._state.peers = peers
+    return objs
+
+
+def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
+    """Run a cached ``get()`` shape (in the bridge)."""
+    connection = connections[alias]
+    params = []
+    for (lookup_class, lhs), position in zip(entry.lookups, entry.order, strict=True):
+        params.extend(lookup_class(lhs, values[position]).process_rhs(None, connection)[1])
+    cursor = connection.cursor()
+    try:
+        cursor.execute(entry.sql, tuple(params))
+        rows = cursor.fetchall()
+    finally:
+        cursor.close()
+    num = len(rows)
+    model: Any = entry.model
+    if num == 1:
+        return _rows_to_objects(entry, rows, alias, fetch_mode)[0]
+    if not num:
+        raise model.DoesNotExist(f"{model._meta.object_name} matching query does not exist.")
+    raise model.MultipleObjectsReturned(
+        "get() returned more than one {} -- it returned {}!".format(
+            model._meta.object_name,
+            num if num < MAX_GET_RESULTS else f"more than {MAX_GET_RESULTS - 1}",
+        )
+    )
+
+
+async def aget(self: QuerySet[Any], *args: Any, **kwargs: Any) -> Any:
+    """Django's ``QuerySet.aget()``, reusing the compiled SQL of a repeated shape."""
+    global _hits, _misses, _bypassed
+    if not args and kwargs and _is_pristine(self):
+        alias = self.db
+        if _alias_allowed(alias) and (key := _get_key(self, alias, kwargs)) is not None:
+            try:
+                entry = _cache[key]
+            except KeyError:
+                _misses += 1
+                return await run_sync(_miss_get, self, key, alias, kwargs)
+            if entry is not None:
+                _hits += 1
+                _cache.move_to_end(key)
+                return await run_sync(
+                    _hit_get,
+                    entry,
+                    alias,
+                    tuple(kwargs.values()),
+                    getattr(self, "_fetch_mode", None),
+                )
+        _bypassed += 1
+    return await _stock_aget(self, *args, **kwargs)
+
+
+_stock_aget: Callable[..., Any]
+_installed = False
+
+
+def install() -> None:
+    """Put the cached ``aget()`` in front of Django's (idempotent)."""
+    global _installed, _stock_aget
+    if _installed:
+        return
+    _installed = True
+    _stock_aget = QuerySet.aget
+    aget.__qualname__ = "QuerySet.aget"
+    QuerySet.aget = aget  # type: ignore[method-assign]
+    setting_changed.connect(_on_setting_changed, dispatch_uid="django_async_db._fastpath")
+    # A model class (re)defined at run time (isolate_apps, migrations' state
+    # apps) may reuse a name: start afresh rather than keep stale shapes.
+    signals.class_prepared.connect(_on_setting_changed, dispatch_uid="django_async_db._fastpath")
