@@ -123,7 +123,7 @@ class _Entry:
         self,
         model: type[Model],
         sql: str,
-        lookups: list[tuple[Callable[..., Any], Any]],
+        lookups: list[tuple[Callable[..., Any], Any] | None],
         order: tuple[int, ...],
         attnames: tuple[str, ...],
         converters: list[tuple[int, tuple[list[Any], Any]]],
@@ -143,12 +143,10 @@ class _Entry:
 _cache: OrderedDict[Hashable, _Entry | None] = OrderedDict()
 _lock = threading.Lock()
 _hits = _misses = _bypassed = 0
-# alias -> fast path allowed (ENGINE is ours and OPTIONS["compiled_sql_cache"] is not False)
-_alias_enabled: dict[str, bool] = {}
 # QuerySet subclass -> its get() machinery is Django's
 _stock_classes: dict[type, bool] = {QuerySet: True}
-# model -> pristine Query.__dict__ to compare with
-_pristine: dict[type[Model], dict[str, Any]] = {}
+# model -> Query.__dict__ of a fresh query and of a chained (cloned) one
+_pristine: dict[type[Model], tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
 def cache_info() -> CacheInfo:
@@ -170,7 +168,6 @@ def clear_cache() -> None:
     global _hits, _misses, _bypassed
     with _lock:
         _cache.clear()
-        _alias_enabled.clear()
         _stock_classes.clear()
         _stock_classes[QuerySet] = True
         _pristine.clear()
@@ -182,16 +179,14 @@ def _on_setting_changed(**kwargs: Any) -> None:
 
 
 def _alias_allowed(alias: str) -> bool:
-    allowed = _alias_enabled.get(alias)
-    if allowed is None:
-        settings = connections.settings.get(alias)
-        allowed = (
-            settings is not None
-            and settings["ENGINE"] == ENGINE
-            and settings.get("OPTIONS", {}).get("compiled_sql_cache", True) is not False
-        )
-        _alias_enabled[alias] = allowed
-    return allowed
+    """Return True if ``alias`` uses this ENGINE and has not opted out of the cache."""
+    # Read every time (a dict lookup or two): tests edit settings dicts in place.
+    settings = connections.settings.get(alias)
+    return (
+        settings is not None
+        and settings["ENGINE"] == ENGINE
+        and settings["OPTIONS"].get("compiled_sql_cache", True) is not False
+    )
 
 
 def _is_stock_class(cls: type) -> bool:
@@ -219,12 +214,15 @@ def _is_pristine(qs: QuerySet[Any]) -> bool:
     if type(query) is not Query:
         return False
     model = qs.model
-    pristine = _pristine.get(model)
-    if pristine is None:
-        pristine = _pristine[model] = Query(model).__dict__
+    templates = _pristine.get(model)
+    if templates is None:
+        fresh = Query(model)
+        templates = _pristine[model] = (fresh.__dict__, fresh.chain().__dict__)
     # Every attribute a queryset method sets lands in the instance dict: equal
-    # dicts (WhereNode compares its children) mean an untouched query.
-    return query.__dict__ == pristine  # type: ignore[no-any-return]
+    # dicts (WhereNode compares its children) mean an untouched query, fresh
+    # from get_queryset() or cloned by using(), all(), fetch_mode() ...
+    state = query.__dict__
+    return state == templates[0] or state == templates[1]  # type: ignore[no-any-return]
 
 
 def _get_key(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> Hashable | None:
@@ -307,21 +305,25 @@ def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entr
         return None
     # Q() sorts keyword lookups: child i is the i-th name in sorted order.
     order = tuple(names.index(name) for name in sorted(names))
-    lookups: list[tuple[Callable[..., Any], Any]] = []
+    lookups: list[tuple[Callable[..., Any], Any] | None] = []
     rebuilt: list[Any] = []
     children: list[Any] = list(where.children)
     for child, position in zip(children, order, strict=True):
         if getattr(child, "lookup_name", None) != "exact" or type(child.lhs) is not Col:
             return None
-        lookup = type(child)(child.lhs, kwargs[names[position]])
+        value = kwargs[names[position]]
+        _, child_params = compiler.compile(child)
+        if not child_params and type(value) is bool:
+            # "col" / "NOT col": the value (part of the key) is in the SQL text.
+            lookups.append(None)
+            continue
+        lookup = type(child)(child.lhs, value)
         rhs_sql, rhs_params = lookup.process_rhs(compiler, connection)
-        if rhs_sql != "%s" or len(rhs_params) != 1:
+        if rhs_sql != "%s" or len(rhs_params) != 1 or not _same_params(rhs_params, child_params):
             return None
         rebuilt.extend(rhs_params)
         lookups.append((type(child), child.lhs))
-    if tuple(rebuilt) != tuple(params) or any(
-        type(a) is not type(b) for a, b in zip(rebuilt, params, strict=True)
-    ):
+    if not _same_params(rebuilt, params):
         return None
     converters = list(compiler.get_converters(fields).items())
     fk_positions = tuple(
@@ -341,6 +343,26 @@ def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entr
     )
 
 
+def _comparable(param: Any) -> tuple[type, Any]:
+    """Return what identifies a parameter (psycopg's Binary/Jsonb wrappers have no ``==``)."""
+    cls = type(param)
+    if cls.__eq__ is not object.__eq__:  # type: ignore[comparison-overlap]
+        return (cls, param)
+    slots = [name for klass in cls.__mro__ for name in getattr(klass, "__slots__", ())]
+    return (
+        cls,
+        [vars(param) if hasattr(param, "__dict__") else None]
+        + [getattr(param, name, None) for name in slots],
+    )
+
+
+def _same_params(ours: Any, django: Any) -> bool:
+    """Return True if two parameter lists are equal, value by value and type by type."""
+    return len(ours) == len(django) and all(
+        _comparable(a) == _comparable(b) for a, b in zip(ours, django, strict=True)
+    )
+
+
 def _store(key: Hashable, entry: _Entry | None) -> None:
     with _lock:
         _cache[key] = entry
@@ -349,18 +371,14 @@ def _store(key: Hashable, entry: _Entry | None) -> None:
 
 
 def _miss_get(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
-    """Run Django's ``get()`` and remember the shape's compiled form (in the bridge)."""
+    """Remember the shape's compiled form, then run Django's ``get()`` (in the bridge)."""
     try:
         entry = _compile_get(qs, alias, kwargs)
-    except Exception:
-        entry = None
-        cacheable = False  # e.g. a value Django rejects: try again with the next one
+    except Exception:  # e.g. a value Django rejects: get() raises it below
+        pass  # nothing stored: the next call of the shape tries again
     else:
-        cacheable = True
-    result = qs.get(**kwargs)
-    if cacheable:
         _store(key, entry)
-    return result
+    return qs.get(**kwargs)
 
 
 def _rows_to_objects(entry: _Entry, rows: list[Any], alias: str, fetch_mode: Any) -> list[Any]:
@@ -416,8 +434,10 @@ def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any
     """Run a cached ``get()`` shape (in the bridge)."""
     connection = connections[alias]
     params = []
-    for (lookup_class, lhs), position in zip(entry.lookups, entry.order, strict=True):
-        params.extend(lookup_class(lhs, values[position]).process_rhs(None, connection)[1])
+    for lookup, position in zip(entry.lookups, entry.order, strict=True):
+        if lookup is not None:
+            lookup_class, lhs = lookup
+            params.extend(lookup_class(lhs, values[position]).process_rhs(None, connection)[1])
     cursor = connection.cursor()
     try:
         cursor.execute(entry.sql, tuple(params))
