@@ -58,7 +58,7 @@ from django.db.models.sql.where import AND
 
 from ._bridge import run_sync
 
-__all__ = ["CacheInfo", "cache_info", "clear_cache", "install"]
+__all__ = ["CacheInfo", "clear_compiled_sql_cache", "compiled_sql_cache_info", "install"]
 
 ENGINE = "django_async_db.backends.postgresql"
 
@@ -96,7 +96,7 @@ except ImportError:  # pragma: no cover - Django < 6.1
 
 
 class CacheInfo(NamedTuple):
-    """Counters of the compiled SQL cache (see :func:`cache_info`)."""
+    """Counters of the compiled SQL cache (see :func:`compiled_sql_cache_info`)."""
 
     hits: int
     misses: int
@@ -149,7 +149,7 @@ _stock_classes: dict[type, bool] = {QuerySet: True}
 _pristine: dict[type[Model], tuple[dict[str, Any], dict[str, Any]]] = {}
 
 
-def cache_info() -> CacheInfo:
+def compiled_sql_cache_info() -> CacheInfo:
     """Return the compiled SQL cache's hit, miss and bypass counts and its size.
 
     ``bypassed`` counts calls that took Django's path because their shape is
@@ -158,7 +158,7 @@ def cache_info() -> CacheInfo:
     return CacheInfo(_hits, _misses, _bypassed, len(_cache), MAX_ENTRIES)
 
 
-def clear_cache() -> None:
+def clear_compiled_sql_cache() -> None:
     """Forget every compiled query shape and reset the counters.
 
     Done automatically when a setting changes (``override_settings``) or the
@@ -175,7 +175,7 @@ def clear_cache() -> None:
 
 
 def _on_setting_changed(**kwargs: Any) -> None:
-    clear_cache()
+    clear_compiled_sql_cache()
 
 
 def _alias_allowed(alias: str) -> bool:

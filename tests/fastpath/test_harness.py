@@ -22,7 +22,7 @@ from django.db import connections
 from django.db.models import Model, Q
 from django.db.models.query import QuerySet
 
-from django_async_db import _fastpath, run_sync
+from django_async_db import _fastpath, clear_compiled_sql_cache, compiled_sql_cache_info, run_sync
 from tests.testapp.models import Author, Book, Chapter, ChapterNote, Event, Gadget, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -370,9 +370,9 @@ if HAS_FETCH_MODES:
 
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
-    _fastpath.clear_cache()
+    clear_compiled_sql_cache()
     yield
-    _fastpath.clear_cache()
+    clear_compiled_sql_cache()
 
 
 @pytest.mark.parametrize(
@@ -391,7 +391,7 @@ async def test_same_sql_params_and_objects_as_django(
     value_sets = values(data)
     for kwargs in value_sets:
         await assert_same_as_django(make_qs, kwargs)
-    info = _fastpath.cache_info()
+    info = compiled_sql_cache_info()
     if cacheable:
         # The first call fills the cache; every later one is a hit.
         assert (info.misses, info.hits) == (1, len(value_sets) - 1)
@@ -410,7 +410,7 @@ async def test_same_shape_on_another_alias_reads_that_database() -> None:
         await assert_same_as_django(Author.objects.all, {"pk": default["bob"].pk})
     assert (await Author.objects.using("other").aget(pk=other["bob"].pk)).name == "Bob elsewhere"
     assert (await Author.objects.aget(pk=default["bob"].pk)).name == "Bob"
-    assert _fastpath.cache_info().size == 2  # one entry per alias
+    assert compiled_sql_cache_info().size == 2  # one entry per alias
 
 
 async def test_router_choice_is_made_on_every_call(settings: Any) -> None:
@@ -425,13 +425,13 @@ async def test_router_choice_is_made_on_every_call(settings: Any) -> None:
     for _ in range(2):
         ann = await Author.objects.aget(pk=default["ann"].pk)
         assert (ann.bio, ann._state.db) == ("first", "default")
-    assert _fastpath.cache_info().hits == 1
+    assert compiled_sql_cache_info().hits == 1
     settings.DATABASE_ROUTERS = [ToOther()]  # a setting change empties the cache
-    assert _fastpath.cache_info().size == 0
+    assert compiled_sql_cache_info().size == 0
     for _ in range(2):
         ann = await Author.objects.aget(pk=other["ann"].pk)
         assert (ann.bio, ann._state.db) == ("in other", "other")
-    assert _fastpath.cache_info().hits == 1
+    assert compiled_sql_cache_info().hits == 1
 
 
 async def test_init_signal_receivers_still_run() -> None:
@@ -456,7 +456,7 @@ async def test_init_signal_receivers_still_run() -> None:
     finally:
         pre_init.disconnect(on_pre_init, sender=Author)
         post_init.disconnect(on_post_init, sender=Author)
-    assert _fastpath.cache_info().hits == 3
+    assert compiled_sql_cache_info().hits == 3
     # Once for Django's path and once for the cached one, per lookup.
     assert [s[0] for s in seen] == ["pre", "post"] * 4
     assert seen[-1] == ("post", Author, "Bob")
@@ -467,7 +467,7 @@ async def test_opt_out_per_alias(db_options: dict[str, Any]) -> None:
     data = await make_data()
     for pk in (data["ann"].pk, data["bob"].pk, data["ann"].pk):
         await assert_same_as_django(Author.objects.all, {"pk": pk})
-    info = _fastpath.cache_info()
+    info = compiled_sql_cache_info()
     assert (info.hits, info.misses, info.size) == (0, 0, 0)
     assert info.bypassed == 3
 
@@ -478,17 +478,17 @@ async def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
     for kwargs in ({"pk": data["ann"].pk}, {"bio": "first"}, {"name": "Bob"}):
         await Author.objects.aget(**kwargs)
         await Author.objects.aget(**kwargs)
-    assert _fastpath.cache_info().size == 2
+    assert compiled_sql_cache_info().size == 2
     await Author.objects.aget(pk=data["bob"].pk)  # evicted: a miss again
-    assert _fastpath.cache_info().misses == 4
+    assert compiled_sql_cache_info().misses == 4
 
 
 async def test_clear_cache() -> None:
     data = await make_data()
     await Author.objects.aget(pk=data["ann"].pk)
-    assert _fastpath.cache_info().size == 1
-    _fastpath.clear_cache()
-    assert _fastpath.cache_info() == _fastpath.CacheInfo(0, 0, 0, 0, _fastpath.MAX_ENTRIES)
+    assert compiled_sql_cache_info().size == 1
+    clear_compiled_sql_cache()
+    assert compiled_sql_cache_info() == _fastpath.CacheInfo(0, 0, 0, 0, _fastpath.MAX_ENTRIES)
 
 
 async def test_hits_run_in_the_tasks_transaction() -> None:
@@ -502,4 +502,4 @@ async def test_hits_run_in_the_tasks_transaction() -> None:
         async_connections["default"].set_rollback(True)
     with pytest.raises(Author.DoesNotExist):
         await Author.objects.aget(pk=created.pk)
-    assert _fastpath.cache_info().hits == 2
+    assert compiled_sql_cache_info().hits == 2
