@@ -51,7 +51,7 @@ from django.db import connections
 from django.db.models import Model, signals
 from django.db.models.expressions import Col
 from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
-from django.db.models.query import ModelIterable, QuerySet
+from django.db.models.query import MAX_GET_RESULTS, ModelIterable, QuerySet
 from django.db.models.query_utils import DeferredAttribute
 from django.db.models.sql import Query
 from django.db.models.sql.where import AND
@@ -85,9 +85,6 @@ _GET_METHODS = (
     "query",
     "__init__",
 )
-
-# ``MAX_GET_RESULTS`` is what get() puts in LIMIT.
-from django.db.models.query import MAX_GET_RESULTS  # noqa: E402
 
 try:  # Django >= 6.1: fetch modes, from_db(..., fetch_mode=)
     from django.db.models.query import _get_from_db  # type: ignore[attr-defined]
