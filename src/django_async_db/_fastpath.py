@@ -240,6 +240,8 @@ def _direct_construction(model: type[Model], attnames: tuple[str, ...]) -> bool:
     """Return True if rows can become instances without calling ``Model.__init__``."""
     if (
         model.__init__ is not Model.__init__  # type: ignore[misc]
+        or model.__new__ is not Model.__new__
+        or model.__setattr__ is not Model.__setattr__  # __init__ sets fields with setattr()
         or model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
         or model._meta.abstract
     ):

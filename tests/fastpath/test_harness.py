@@ -21,6 +21,7 @@ import pytest
 from django.db import connections
 from django.db.models import Model, Q
 from django.db.models.query import QuerySet
+from django.test.utils import isolate_apps
 
 from django_async_db import _fastpath, clear_compiled_sql_cache, compiled_sql_cache_info, run_sync
 from tests.testapp.models import Author, Book, Chapter, ChapterNote, Event, Gadget, Tag
@@ -503,3 +504,43 @@ async def test_hits_run_in_the_tasks_transaction() -> None:
     with pytest.raises(Author.DoesNotExist):
         await Author.objects.aget(pk=created.pk)
     assert compiled_sql_cache_info().hits == 2
+
+
+@isolate_apps("tests.testapp")
+def test_direct_construction_only_for_models_built_like_django_does() -> None:
+    from django.db import models
+
+    class Tracked(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+
+        def __setattr__(self, name: str, value: Any) -> None:
+            super().__setattr__(name, value)
+
+    class Custom(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+
+        @classmethod
+        def from_db(cls, db: Any, field_names: Any, values: Any, **kwargs: Any) -> Any:
+            return super().from_db(db, field_names, values, **kwargs)
+
+    class Plain(models.Model):
+        name = models.CharField(max_length=10)
+
+        class Meta:
+            app_label = "testapp"
+
+        author = models.ForeignKey(Author, on_delete=models.CASCADE)
+
+    assert _fastpath._direct_construction(Plain, ("id", "name", "author_id"))
+    assert not _fastpath._direct_construction(Tracked, ("id", "name"))
+    assert not _fastpath._direct_construction(Custom, ("id", "name"))
+    assert _fastpath._direct_construction(
+        Gadget, tuple(f.attname for f in Gadget._meta.concrete_fields)
+    )
+    assert _fastpath._direct_construction(Author, ("id", "name", "bio"))
