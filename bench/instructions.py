@@ -37,6 +37,8 @@ CONTENDERS = {
     "ours_aget": "django-async-db: await aget() (compiled SQL cache: repeated shape)",
     "ours_aget_no_cache": "django-async-db: await aget(), OPTIONS['compiled_sql_cache'] = False",
     "django_aget": "Django's aget() (stock backend, thread hop)",
+    "django_sync_filter_first": "plain sync Django filter(pk=...).first() (stock backend)",
+    "ours_filter_afirst": "django-async-db: await filter(pk=...).afirst() (repeated shape)",
     # One request per lookup: a connection checked out of the pool and given back each time.
     "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
     "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
@@ -131,6 +133,10 @@ def run(mode: str, n: int) -> None:
         for _ in range(WARMUP + n):
             author.objects.get(pk=pk)
         return
+    if mode == "django_sync_filter_first":
+        for _ in range(WARMUP + n):
+            author.objects.filter(pk=pk).first()
+        return
 
     async def main() -> None:
         if mode == "ours_run_sync":
@@ -148,6 +154,12 @@ def run(mode: str, n: int) -> None:
             for _ in range(WARMUP + n):
                 await asyncio.create_task(request())
             await asyncio.sleep(0.01)  # let the last release task finish
+            await async_connections.close_all()
+        elif mode == "ours_filter_afirst":
+            from django_async_db import async_connections
+
+            for _ in range(WARMUP + n):
+                await author.objects.filter(pk=pk).afirst()
             await async_connections.close_all()
         else:  # ours_aget, ours_aget_no_cache, django_aget
             for _ in range(WARMUP + n):

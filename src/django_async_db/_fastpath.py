@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import threading
 import weakref
+from asyncio import _get_running_loop
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 from datetime import date, datetime, time
@@ -113,6 +114,7 @@ class _Entry:
         "lookups",
         "model",
         "order",
+        "prefix",
         "sql",
     )
 
@@ -120,6 +122,7 @@ class _Entry:
         self,
         model: type[Model],
         sql: str,
+        prefix: tuple[Any, ...],
         lookups: list[tuple[Callable[..., Any], Any] | None],
         order: tuple[int, ...],
         attnames: tuple[str, ...],
@@ -129,6 +132,7 @@ class _Entry:
     ) -> None:
         self.model = model
         self.sql = sql
+        self.prefix = prefix
         self.lookups = lookups
         self.order = order
         self.attnames = attnames
@@ -168,6 +172,7 @@ def clear_compiled_sql_cache() -> None:
         _stock_classes.clear()
         _stock_classes[QuerySet] = True
         _pristine.clear()
+        _filter_shapes.clear()
         _hits = _misses = _bypassed = 0
 
 
@@ -194,10 +199,13 @@ def _is_stock_class(cls: type) -> bool:
     return stock
 
 
-def _is_pristine(qs: QuerySet[Any]) -> bool:
-    """Return True if ``qs`` is what a stock manager's ``get_queryset()`` returns."""
+def _is_pristine(qs: QuerySet[Any], deferred: Any = None) -> bool:
+    """Return True if ``qs`` is what a stock manager's ``get_queryset()`` returns.
+
+    With ``deferred``: what :func:`filter` returned, its filter still pending.
+    """
     if (
-        qs._deferred_filter is not None  # type: ignore[attr-defined]
+        qs._deferred_filter is not deferred  # type: ignore[attr-defined]
         or qs._iterable_class is not ModelIterable
         or qs._fields is not None  # type: ignore[attr-defined]
         or qs._prefetch_related_lookups  # type: ignore[attr-defined]
@@ -222,9 +230,11 @@ def _is_pristine(qs: QuerySet[Any]) -> bool:
     return state == templates[0] or state == templates[1]  # type: ignore[no-any-return]
 
 
-def _get_key(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> Hashable | None:
-    """Return the shape key of ``qs.get(**kwargs)``, or None if it must take Django's path."""
-    parts: list[Any] = ["get", type(qs), qs.model, alias, getattr(qs, "_fetch_mode", None)]
+def _get_key(
+    qs: QuerySet[Any], alias: str, kwargs: dict[str, Any], operation: str = "get"
+) -> Hashable | None:
+    """Return the shape key of ``operation`` with ``kwargs`` (None: use Django's path)."""
+    parts: list[Any] = [operation, type(qs), qs.model, alias, getattr(qs, "_fetch_mode", None)]
     for name, value in kwargs.items():
         kind = type(value)
         if kind is bool:
@@ -262,44 +272,55 @@ def _has_init_receivers(model: type[Model]) -> bool:
     )
 
 
+def _plain_names(names: list[str]) -> bool:
+    """Return True if every lookup is an equality on a field of the model itself."""
+    for name in names:
+        base = name[: -len("__exact")] if name.endswith("__exact") else name
+        if "__" in base:
+            return False  # a path through relations or another lookup
+    return True
+
+
 def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entry | None:
     """Compile ``qs.get(**kwargs)`` the way Django does; return its entry, or None.
 
     Runs in the bridge (compiling may need the server version).
     """
-    names = list(kwargs)
-    for name in names:
-        base = name[: -len("__exact")] if name.endswith("__exact") else name
-        if "__" in base:
-            return None  # a path through relations or another lookup
-    clone = qs.filter(**kwargs)
+    if not _plain_names(list(kwargs)):
+        return None
+    clone = _stock_filter(qs, **kwargs)
     clone = clone.order_by()  # get() on a pristine queryset: can_filter(), no distinct
     clone.query.set_limits(high=MAX_GET_RESULTS)
+    return _compile(clone.query, qs.model, alias, kwargs, instances=True)
+
+
+def _compile_first(filtered: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entry | None:
+    """Compile ``filtered.first()`` the way Django does (``filtered``: filter() applied)."""
+    if not _plain_names(list(kwargs)):
+        return None
+    if filtered.ordered or not filtered.query.default_ordering:
+        queryset = filtered
+    else:
+        queryset = filtered.order_by("pk")
+    return _compile(queryset[:1].query, filtered.model, alias, kwargs, instances=True)
+
+
+def _compile_exists(filtered: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entry | None:
+    """Compile ``filtered.exists()`` the way Django does (``Query.has_results()``)."""
+    if not _plain_names(list(kwargs)):
+        return None
+    return _compile(filtered.query.exists(), filtered.model, alias, kwargs, instances=False)
+
+
+def _compile(
+    query: Query, model: type[Model], alias: str, kwargs: dict[str, Any], *, instances: bool
+) -> _Entry | None:
+    """Build the entry for a compiled query whose WHERE clause is the keyword lookups."""
+    names = list(kwargs)
     connection = connections[alias]
-    compiler = clone.query.get_compiler(using=alias)
+    compiler = query.get_compiler(using=alias)
     sql, params = compiler.as_sql()
-    klass_info = compiler.klass_info
-    if (
-        not klass_info
-        or klass_info.get("related_klass_infos")
-        or compiler.annotation_col_map
-        or compiler.has_extra_select
-        or len(compiler.select) != compiler.col_count
-    ):
-        return None
-    model = klass_info["model"]
-    if model is not qs.model:
-        return None
-    select = compiler.select
-    fields = [s[0] for s in select]
-    if compiler.has_composite_fields(fields):
-        return None
-    attnames = tuple(f.target.attname for f in fields)
-    if list(attnames) != [f.attname for f in model._meta.concrete_fields]:
-        return None
-    if list(klass_info["select_fields"]) != list(range(len(fields))):
-        return None
-    where = clone.query.where
+    where = query.where
     if where.connector != AND or where.negated or len(where.children) != len(names):
         return None
     # Q() sorts keyword lookups: child i is the i-th name in sorted order.
@@ -322,7 +343,36 @@ def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entr
             return None
         rebuilt.extend(rhs_params)
         lookups.append((type(child), child.lhs))
-    if not _same_params(rebuilt, params):
+    # The WHERE clause's parameters come last (LIMIT is inlined); anything
+    # before them belongs to the SELECT list (exists()'s "1 AS a"): constants.
+    _, where_params = compiler.compile(where)
+    split = len(params) - len(where_params)
+    if (
+        split < 0
+        or not _same_params(rebuilt, where_params)
+        or not _same_params(params[split:], where_params)
+    ):
+        return None
+    prefix = tuple(params[:split])
+    if not instances:
+        return _Entry(model, sql, prefix, lookups, order, (), [], False, ())
+    klass_info = compiler.klass_info
+    if (
+        not klass_info
+        or klass_info.get("related_klass_infos")
+        or compiler.annotation_col_map
+        or compiler.has_extra_select
+        or len(compiler.select) != compiler.col_count
+        or klass_info["model"] is not model
+    ):
+        return None
+    fields = [s[0] for s in compiler.select]
+    if compiler.has_composite_fields(fields):
+        return None
+    attnames = tuple(f.target.attname for f in fields)
+    if list(attnames) != [f.attname for f in model._meta.concrete_fields]:
+        return None
+    if list(klass_info["select_fields"]) != list(range(len(fields))):
         return None
     converters = list(compiler.get_converters(fields).items())
     fk_positions = tuple(
@@ -333,6 +383,7 @@ def _compile_get(qs: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entr
     return _Entry(
         model,
         sql,
+        prefix,
         lookups,
         order,
         attnames,
@@ -429,10 +480,10 @@ def _rows_to_objects(entry: _Entry, rows: list[Any], alias: str, fetch_mode: Any
     return objs
 
 
-def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
-    """Run a cached ``get()`` shape (in the bridge)."""
+def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
+    """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
     connection = connections[alias]
-    params = []
+    params = list(entry.prefix)
     for lookup, position in zip(entry.lookups, entry.order, strict=True):
         if lookup is not None:
             lookup_class, lhs = lookup
@@ -440,9 +491,14 @@ def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any
     cursor = connection.cursor()
     try:
         cursor.execute(entry.sql, tuple(params))
-        rows = cursor.fetchall()
+        return cursor.fetchone() if one else cursor.fetchall()
     finally:
         cursor.close()
+
+
+def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
+    """Run a cached ``get()`` shape (in the bridge)."""
+    rows = _fetch(entry, alias, values)
     num = len(rows)
     model: Any = entry.model
     if num == 1:
@@ -459,42 +515,190 @@ def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any
 
 async def aget(self: QuerySet[Any], *args: Any, **kwargs: Any) -> Any:
     """Django's ``QuerySet.aget()``, reusing the compiled SQL of a repeated shape."""
-    global _hits, _misses, _bypassed
+    global _bypassed
     if not args and kwargs and _is_pristine(self):
-        alias = self.db
-        if _alias_allowed(alias) and (key := _get_key(self, alias, kwargs)) is not None:
-            try:
-                entry = _cache[key]
-            except KeyError:
-                _misses += 1
-                return await run_sync(_miss_get, self, key, alias, kwargs)
-            if entry is not None:
-                _hits += 1
-                _cache.move_to_end(key)
-                return await run_sync(
-                    _hit_get,
-                    entry,
-                    alias,
-                    tuple(kwargs.values()),
-                    getattr(self, "_fetch_mode", None),
-                )
+        done, result = await _cached(self, "get", kwargs, _miss_get, _hit_get)
+        if done:
+            return result
+    else:
         _bypassed += 1
     return await _stock_aget(self, *args, **kwargs)
 
 
+class _FilterShape(NamedTuple):
+    """The lookups Django built for a ``filter(**lookups)`` shape: to check values with."""
+
+    lookups: list[tuple[Callable[..., Any], Any]]
+    order: tuple[int, ...]
+
+
+# ("filter", queryset class, model, names and value types) -> shape, or None:
+# the filter() shapes Django accepted, whose later calls are deferred.
+_filter_shapes: OrderedDict[Hashable, _FilterShape | None] = OrderedDict()
+
+
+def _filter_shape(filtered: QuerySet[Any], kwargs: dict[str, Any]) -> _FilterShape | None:
+    """Return the lookups of a queryset just filtered by Django with ``kwargs``."""
+    names = list(kwargs)
+    if not _plain_names(names):
+        return None
+    where = filtered.query.where
+    if where.connector != AND or where.negated or len(where.children) != len(names):
+        return None
+    children: list[Any] = list(where.children)
+    if any(getattr(c, "lookup_name", None) != "exact" or type(c.lhs) is not Col for c in children):
+        return None
+    order = tuple(names.index(name) for name in sorted(names))
+    return _FilterShape([(type(c), c.lhs) for c in children], order)
+
+
+def filter(self: QuerySet[Any], *args: Any, **kwargs: Any) -> QuerySet[Any]:
+    """Django's ``QuerySet.filter()``; on a pristine queryset in async code, deferred.
+
+    A shape Django already accepted (same model, lookup names and value types)
+    returns a clone whose filter is deferred with Django's own mechanism
+    (``_deferred_filter``, applied by Django the first time anything reads
+    ``.query``), after checking the values as Django's lookups do (so a bad
+    value raises here, as in Django). ``afirst()`` and ``aexists()`` on such a
+    clone run their cached SQL without applying it.
+    """
+    if args or not kwargs or _get_running_loop() is None or not _is_pristine(self):
+        return _stock_filter(self, *args, **kwargs)  # type: ignore[no-any-return]
+    key = _get_key(self, "", kwargs, "filter")
+    if key is None:
+        return _stock_filter(self, *args, **kwargs)  # type: ignore[no-any-return]
+    try:
+        shape = _filter_shapes[key]
+    except KeyError:
+        filtered: QuerySet[Any] = _stock_filter(self, **kwargs)  # raises what Django raises
+        shape = _filter_shape(filtered, kwargs)
+        with _lock:
+            _filter_shapes[key] = shape
+            if len(_filter_shapes) > MAX_ENTRIES:
+                _filter_shapes.popitem(last=False)
+        return filtered
+    if shape is None:
+        return _stock_filter(self, **kwargs)  # type: ignore[no-any-return]
+    values = tuple(kwargs.values())
+    for (lookup_class, lhs), position in zip(shape.lookups, shape.order, strict=True):
+        lookup_class(lhs, values[position])  # Django's value checks and conversions
+    clone = self._chain()  # type: ignore[attr-defined]
+    marker = (False, (), kwargs)
+    clone._deferred_filter = marker
+    clone.__dict__["_fastpath_filter"] = marker
+    return clone  # type: ignore[no-any-return]
+
+
+def _deferred_kwargs(qs: QuerySet[Any]) -> dict[str, Any] | None:
+    """Return the keyword lookups of a :func:`filter` clone still untouched, else None."""
+    marker = qs.__dict__.get("_fastpath_filter")
+    if marker is None or qs._result_cache is not None or not _is_pristine(qs, marker):  # type: ignore[attr-defined]
+        return None
+    return marker[2]  # type: ignore[no-any-return]
+
+
+def _miss_first(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
+    """Remember the compiled ``first()`` of the filtered shape, then run Django's."""
+    try:
+        entry = _compile_first(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    else:
+        _store(key, entry)
+    return qs.first()
+
+
+def _miss_exists(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
+    """Remember the compiled ``exists()`` of the filtered shape, then run Django's."""
+    try:
+        entry = _compile_exists(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    else:
+        _store(key, entry)
+    return qs.exists()
+
+
+def _hit_first(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
+    rows = _fetch(entry, alias, values)
+    return _rows_to_objects(entry, rows, alias, fetch_mode)[0] if rows else None
+
+
+def _hit_exists(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> bool:
+    return _fetch(entry, alias, values, one=True) is not None
+
+
+async def _cached(
+    qs: QuerySet[Any],
+    operation: str,
+    kwargs: dict[str, Any],
+    miss: Callable[..., Any],
+    hit: Callable[..., Any],
+) -> tuple[bool, Any]:
+    """Run ``operation`` from the cache if its shape allows; return (done, result)."""
+    global _hits, _misses, _bypassed
+    alias = qs.db
+    if _alias_allowed(alias) and (key := _get_key(qs, alias, kwargs, operation)) is not None:
+        try:
+            entry = _cache[key]
+        except KeyError:
+            _misses += 1
+            return True, await run_sync(miss, qs, key, alias, kwargs)
+        if entry is not None:
+            _hits += 1
+            _cache.move_to_end(key)
+            fetch_mode = getattr(qs, "_fetch_mode", None)
+            return True, await run_sync(hit, entry, alias, tuple(kwargs.values()), fetch_mode)
+    _bypassed += 1
+    return False, None
+
+
+async def afirst(self: QuerySet[Any]) -> Any:
+    """Django's ``QuerySet.afirst()``, from the cache after a deferred :func:`filter`."""
+    kwargs = _deferred_kwargs(self)
+    if kwargs is not None:
+        done, result = await _cached(self, "first", kwargs, _miss_first, _hit_first)
+        if done:
+            return result
+    return await _stock_afirst(self)
+
+
+async def aexists(self: QuerySet[Any]) -> bool:
+    """Django's ``QuerySet.aexists()``, from the cache after a deferred :func:`filter`."""
+    kwargs = _deferred_kwargs(self)
+    if kwargs is not None:
+        done, result = await _cached(self, "exists", kwargs, _miss_exists, _hit_exists)
+        if done:
+            return result  # type: ignore[no-any-return]
+    return await _stock_aexists(self)  # type: ignore[no-any-return]
+
+
 _stock_aget: Callable[..., Any]
+_stock_afirst: Callable[..., Any]
+_stock_aexists: Callable[..., Any]
+_stock_filter: Callable[..., Any] = QuerySet.filter
 _installed = False
 
 
 def install() -> None:
-    """Put the cached ``aget()`` in front of Django's (idempotent)."""
-    global _installed, _stock_aget
+    """Put the cached ``aget()``, ``afirst()``, ``aexists()`` and ``filter()`` in front of Django's.
+
+    Idempotent.
+    """
+    global _installed, _stock_aget, _stock_afirst, _stock_aexists, _stock_filter
     if _installed:
         return
     _installed = True
-    _stock_aget = QuerySet.aget
-    aget.__qualname__ = "QuerySet.aget"
-    QuerySet.aget = aget  # type: ignore[method-assign]
+    _stock_aget, _stock_afirst, _stock_aexists = QuerySet.aget, QuerySet.afirst, QuerySet.aexists
+    _stock_filter = QuerySet.filter
+    for name, function in (
+        ("aget", aget),
+        ("afirst", afirst),
+        ("aexists", aexists),
+        ("filter", filter),
+    ):
+        function.__qualname__ = f"QuerySet.{name}"
+        setattr(QuerySet, name, function)
     setting_changed.connect(_on_setting_changed, dispatch_uid="django_async_db._fastpath")
     # A model class (re)defined at run time (isolate_apps, migrations' state
     # apps) may reuse a name: start afresh rather than keep stale shapes.

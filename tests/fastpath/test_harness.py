@@ -369,6 +369,9 @@ if HAS_FETCH_MODES:
     )
 
 
+SHAPE_PARAMS = [pytest.param(qs, values, ok, id=name) for name, qs, values, ok in SHAPES]
+
+
 @pytest.fixture(autouse=True)
 def _fresh_cache() -> Iterator[None]:
     clear_compiled_sql_cache()
@@ -376,13 +379,7 @@ def _fresh_cache() -> Iterator[None]:
     clear_compiled_sql_cache()
 
 
-@pytest.mark.parametrize(
-    ("make_qs", "values", "cacheable"),
-    [
-        pytest.param(make_qs, values, cacheable, id=name)
-        for name, make_qs, values, cacheable in SHAPES
-    ],
-)
+@pytest.mark.parametrize(("make_qs", "values", "cacheable"), SHAPE_PARAMS)
 async def test_same_sql_params_and_objects_as_django(
     make_qs: Callable[[], QuerySet[Any]],
     values: Callable[[dict[str, Any]], list[dict[str, Any]]],
@@ -544,3 +541,90 @@ def test_direct_construction_only_for_models_built_like_django_does() -> None:
         Gadget, tuple(f.attname for f in Gadget._meta.concrete_fields)
     )
     assert _fastpath._direct_construction(Author, ("id", "name", "bio"))
+
+
+# --- filter(**lookups) followed by afirst() / aexists() -----------------------------
+
+
+def django_filter(make_qs: Callable[[], QuerySet[Any]], kwargs: dict[str, Any]) -> QuerySet[Any]:
+    """Django's own ``filter()``, never deferred."""
+    return _fastpath._stock_filter(make_qs(), **kwargs)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("terminal", ["first", "exists"])
+@pytest.mark.parametrize(("make_qs", "values", "cacheable"), SHAPE_PARAMS)
+async def test_filter_then_first_or_exists_same_as_django(
+    make_qs: Callable[[], QuerySet[Any]],
+    values: Callable[[dict[str, Any]], list[dict[str, Any]]],
+    cacheable: bool,
+    terminal: str,
+) -> None:
+    data = await make_data()
+    value_sets = values(data) * 2  # the shape is learnt, then compiled, then hit
+    for kwargs in value_sets:
+        django = await outcome(
+            "default", lambda kw=kwargs: run_sync(getattr(django_filter(make_qs, kw), terminal))
+        )
+        ours = await outcome(
+            "default", lambda kw=kwargs: getattr(make_qs().filter(**kw), f"a{terminal}")()
+        )
+        assert ours == django
+        assert len(ours[1]) <= 1
+    info = compiled_sql_cache_info()
+    if cacheable:
+        assert info.hits > 0
+    else:
+        assert info.hits == 0
+
+
+async def test_a_deferred_filter_is_djangos_filter_for_everything_else() -> None:
+    data = await make_data()
+    Author.objects.filter(name="Ann")  # learn the shape: the next ones are deferred
+
+    def stock() -> QuerySet[Any]:
+        return django_filter(Author.objects.all, {"name": "Ann"})
+
+    def deferred() -> QuerySet[Any]:
+        qs = Author.objects.filter(name="Ann")
+        assert qs._deferred_filter is not None  # type: ignore[attr-defined]
+        return qs
+
+    def sql(qs: QuerySet[Any]) -> Any:
+        return qs.query.sql_with_params()
+
+    for build in (
+        lambda make: make(),
+        lambda make: make().filter(bio="first"),
+        lambda make: make().exclude(bio="first"),
+        lambda make: make().order_by("-bio")[:1],
+        lambda make: make().defer("bio"),
+        lambda make: make().values("bio"),
+    ):
+        assert await run_sync(lambda b=build: sql(b(deferred))) == await run_sync(
+            lambda b=build: sql(b(stock))
+        )
+        ours = [snapshot(o) if isinstance(o, Model) else o async for o in build(deferred)]
+        theirs = [snapshot(o) if isinstance(o, Model) else o async for o in build(stock)]
+        assert ours == theirs
+    assert await deferred().acount() == await stock().acount() == 2
+    qs = deferred()
+    assert await run_sync(repr, qs) == await run_sync(repr, stock())
+    assert snapshot(await qs.afirst()) == snapshot(await stock().afirst())  # qs evaluated
+    assert await deferred().aget(bio="second") == await stock().aget(bio="second")
+    assert await deferred().aupdate(bio="x") == 2
+    assert await Author.objects.filter(bio="x").acount() == 2
+    # Errors come when Django raises them: at filter() time.
+    with pytest.raises(ValueError, match="expected a number"):
+        Author.objects.filter(pk="abc")
+    with pytest.raises(ValueError, match="expected a number"):
+        Author.objects.filter(pk="abc")
+    assert data["ann"].pk
+
+
+async def test_related_managers_filters_are_not_deferred() -> None:
+    data = await make_data()
+    for _ in range(3):
+        books = data["ann"].books.filter(title="A")
+        assert books._deferred_filter is None  # type: ignore[attr-defined]
+        assert [b.title async for b in books] == ["A"]
+        assert await data["ann"].books.filter(title="A").aexists()
