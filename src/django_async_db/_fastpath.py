@@ -28,6 +28,13 @@ lookups takes a shorter road from the second call of a shape on:
    field descriptors, no ``__init__``/``from_db`` override and no
    ``pre_init``/``post_init`` receivers, through ``Model.from_db`` otherwise.
 
+``filter(**lookups)`` in async code, on a pristine queryset and for a shape
+Django accepted before, returns a clone whose filter is deferred with
+Django's own ``_deferred_filter`` (the values are checked at once by the
+lookup classes); ``afirst()`` and ``aexists()`` on that untouched clone take
+the same road as ``aget()``. Anything else reading ``.query`` makes Django
+apply the filter as usual.
+
 Anything else (positional ``Q`` arguments, ``None`` or expression values,
 lookups other than ``exact``, related-field paths, querysets with prior state,
 custom queryset or query classes that change the methods involved) takes
