@@ -54,6 +54,7 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 from uuid import UUID
 
+from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.core.signals import setting_changed
 from django.db import connections
 from django.db.models import Model, signals
@@ -487,14 +488,24 @@ def _rows_to_objects(entry: _Entry, rows: list[Any], alias: str, fetch_mode: Any
     return objs
 
 
+class _UseDjango(Exception):
+    """Raised by a hit whose values change the SQL: this call takes Django's path."""
+
+
 def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
     """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
     connection = connections[alias]
     params = list(entry.prefix)
-    for lookup, position in zip(entry.lookups, entry.order, strict=True):
-        if lookup is not None:
-            lookup_class, lhs = lookup
-            params.extend(lookup_class(lhs, values[position]).process_rhs(None, connection)[1])
+    try:
+        for lookup, position in zip(entry.lookups, entry.order, strict=True):
+            if lookup is not None:
+                lookup_class, lhs = lookup
+                rhs = lookup_class(lhs, values[position]).process_rhs(None, connection)
+                params.extend(rhs[1])
+    except (EmptyResultSet, FullResultSet):
+        # An integer out of the column's range: Django compiles no WHERE
+        # clause (or runs no query) for it.
+        raise _UseDjango from None
     cursor = connection.cursor()
     try:
         cursor.execute(entry.sql, tuple(params))
@@ -635,6 +646,23 @@ def _hit_exists(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: 
     return _fetch(entry, alias, values, one=True) is not None
 
 
+def _run_hit(
+    hit: Callable[..., Any],
+    entry: _Entry,
+    alias: str,
+    qs: QuerySet[Any],
+    kwargs: dict[str, Any],
+    fetch_mode: Any,
+) -> Any:
+    """Run a cache hit (in the bridge), or Django's method when the values call for it."""
+    try:
+        return hit(entry, alias, tuple(kwargs.values()), fetch_mode)
+    except _UseDjango:
+        if hit is _hit_get:
+            return qs.get(**kwargs)
+        return qs.first() if hit is _hit_first else qs.exists()
+
+
 async def _cached(
     qs: QuerySet[Any],
     operation: str,
@@ -655,7 +683,7 @@ async def _cached(
             _hits += 1
             _cache.move_to_end(key)
             fetch_mode = getattr(qs, "_fetch_mode", None)
-            return True, await run_sync(hit, entry, alias, tuple(kwargs.values()), fetch_mode)
+            return True, await run_sync(_run_hit, hit, entry, alias, qs, kwargs, fetch_mode)
     _bypassed += 1
     return False, None
 

@@ -136,6 +136,12 @@ SHAPES = [
     ),
     ("id", Author.objects.all, lambda d: [{"id": d["ann"].pk}, {"id": d["bob"].pk}], True),
     (
+        "pk out of the column's range",
+        Author.objects.all,
+        lambda d: [{"pk": d["ann"].pk}, {"pk": 2**63}, {"pk": -(2**63) - 1}, {"pk": 2**70}],
+        True,
+    ),
+    (
         "pk__exact",
         Author.objects.all,
         lambda d: [{"pk__exact": d["bob"].pk}, {"pk__exact": 0}],
