@@ -595,7 +595,7 @@ def filter(self: QuerySet[Any], *args: Any, **kwargs: Any) -> QuerySet[Any]:
             if len(_filter_shapes) > MAX_ENTRIES:
                 _filter_shapes.popitem(last=False)
         return filtered
-    if shape is None:
+    if shape is None or not _alias_allowed(self.db):
         return _stock_filter(self, **kwargs)  # type: ignore[no-any-return]
     values = tuple(kwargs.values())
     for (lookup_class, lhs), position in zip(shape.lookups, shape.order, strict=True):

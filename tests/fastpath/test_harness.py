@@ -471,6 +471,10 @@ async def test_opt_out_per_alias(db_options: dict[str, Any]) -> None:
     data = await make_data()
     for pk in (data["ann"].pk, data["bob"].pk, data["ann"].pk):
         await assert_same_as_django(Author.objects.all, {"pk": pk})
+    for _ in range(3):
+        qs = Author.objects.filter(name="Ann")
+        assert qs._deferred_filter is None  # type: ignore[attr-defined]
+        assert await qs.aexists()
     info = compiled_sql_cache_info()
     assert (info.hits, info.misses, info.size) == (0, 0, 0)
     assert info.bypassed == 3
