@@ -65,7 +65,7 @@ from django.db.models.query_utils import DeferredAttribute
 from django.db.models.sql import Query
 from django.db.models.sql.where import AND
 
-from ._bridge import run_sync
+from ._bridge import in_bridge, run_sync
 
 __all__ = ["CacheInfo", "clear_compiled_sql_cache", "compiled_sql_cache_info", "install"]
 
@@ -571,7 +571,7 @@ def _filter_shape(filtered: QuerySet[Any], kwargs: dict[str, Any]) -> _FilterSha
 
 
 def filter(self: QuerySet[Any], *args: Any, **kwargs: Any) -> QuerySet[Any]:
-    """Django's ``QuerySet.filter()``; on a pristine queryset in async code, deferred.
+    """Django's ``QuerySet.filter()``; in async code, on a pristine queryset, deferred.
 
     A shape Django already accepted (same model, lookup names and value types)
     returns a clone whose filter is deferred with Django's own mechanism
@@ -580,7 +580,13 @@ def filter(self: QuerySet[Any], *args: Any, **kwargs: Any) -> QuerySet[Any]:
     value raises here, as in Django). ``afirst()`` and ``aexists()`` on such a
     clone run their cached SQL without applying it.
     """
-    if args or not kwargs or _get_running_loop() is None or not _is_pristine(self):
+    if (
+        args
+        or not kwargs
+        or _get_running_loop() is None  # sync code
+        or in_bridge()  # sync code run by run_sync(): get(), signal receivers ...
+        or not _is_pristine(self)
+    ):
         return _stock_filter(self, *args, **kwargs)  # type: ignore[no-any-return]
     key = _get_key(self, "", kwargs, "filter")
     if key is None:

@@ -610,9 +610,7 @@ async def test_a_deferred_filter_is_djangos_filter_for_everything_else() -> None
         lambda make: make().defer("bio"),
         lambda make: make().values("bio"),
     ):
-        assert await run_sync(lambda b=build: sql(b(deferred))) == await run_sync(
-            lambda b=build: sql(b(stock))
-        )
+        assert await run_sync(sql, build(deferred)) == await run_sync(sql, build(stock))
         ours = [snapshot(o) if isinstance(o, Model) else o async for o in build(deferred)]
         theirs = [snapshot(o) if isinstance(o, Model) else o async for o in build(stock)]
         assert ours == theirs
@@ -629,6 +627,14 @@ async def test_a_deferred_filter_is_djangos_filter_for_everything_else() -> None
     with pytest.raises(ValueError, match="expected a number"):
         Author.objects.filter(pk="abc")
     assert data["ann"].pk
+
+
+async def test_sync_code_in_the_bridge_filters_as_django_does() -> None:
+    await make_data()
+    Author.objects.filter(name="Ann")  # learn the shape
+    assert Author.objects.filter(name="Ann")._deferred_filter is not None  # type: ignore[attr-defined]
+    in_bridge = await run_sync(lambda: Author.objects.filter(name="Ann"))
+    assert in_bridge._deferred_filter is None  # type: ignore[attr-defined]
 
 
 async def test_related_managers_filters_are_not_deferred() -> None:
