@@ -34,8 +34,11 @@ CONTENDERS = {
     "raw_psycopg_async": "raw psycopg AsyncConnection",
     "django_sync": "plain sync Django get() (stock backend)",
     "ours_run_sync": "django-async-db: await run_sync(lambda: get())",
-    "ours_aget": "django-async-db: await aget()",
+    "ours_aget": "django-async-db: await aget() (compiled SQL cache: repeated shape)",
+    "ours_aget_no_cache": "django-async-db: await aget(), OPTIONS['compiled_sql_cache'] = False",
     "django_aget": "Django's aget() (stock backend, thread hop)",
+    "django_sync_filter_first": "plain sync Django filter(pk=...).first() (stock backend)",
+    "ours_filter_afirst": "django-async-db: await filter(pk=...).afirst() (repeated shape)",
     # One request per lookup: a connection checked out of the pool and given back each time.
     "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
     "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
@@ -62,7 +65,7 @@ def _conninfo(dbname: str | None = None) -> str:
     )
 
 
-def _setup_django(ours: bool, pooled: bool = False) -> Any:
+def _setup_django(ours: bool, pooled: bool = False, sql_cache: bool = True) -> Any:
     import django
     from django.conf import settings
 
@@ -72,7 +75,10 @@ def _setup_django(ours: bool, pooled: bool = False) -> Any:
             "default": {
                 "ENGINE": engine,
                 **_db(),
-                "OPTIONS": {"pool": {"min_size": 1, "max_size": 4}} if pooled else {},
+                "OPTIONS": {
+                    **({"pool": {"min_size": 1, "max_size": 4}} if pooled else {}),
+                    **({} if sql_cache else {"compiled_sql_cache": False}),
+                },
             }
         },
         INSTALLED_APPS=["django_async_db", "bench_app"] if ours else ["bench_app"],
@@ -111,7 +117,11 @@ def run(mode: str, n: int) -> None:
 
         asyncio.run(raw())
         return
-    author = _setup_django(ours=mode.startswith("ours"), pooled=mode == "django_sync_pool_request")
+    author = _setup_django(
+        ours=mode.startswith("ours"),
+        pooled=mode == "django_sync_pool_request",
+        sql_cache=mode != "ours_aget_no_cache",
+    )
     if mode == "django_sync_pool_request":
         from django.db import close_old_connections
 
@@ -122,6 +132,10 @@ def run(mode: str, n: int) -> None:
     if mode == "django_sync":
         for _ in range(WARMUP + n):
             author.objects.get(pk=pk)
+        return
+    if mode == "django_sync_filter_first":
+        for _ in range(WARMUP + n):
+            author.objects.filter(pk=pk).first()
         return
 
     async def main() -> None:
@@ -141,10 +155,16 @@ def run(mode: str, n: int) -> None:
                 await asyncio.create_task(request())
             await asyncio.sleep(0.01)  # let the last release task finish
             await async_connections.close_all()
-        else:  # ours_aget, django_aget
+        elif mode == "ours_filter_afirst":
+            from django_async_db import async_connections
+
+            for _ in range(WARMUP + n):
+                await author.objects.filter(pk=pk).afirst()
+            await async_connections.close_all()
+        else:  # ours_aget, ours_aget_no_cache, django_aget
             for _ in range(WARMUP + n):
                 await author.objects.aget(pk=pk)
-            if mode == "ours_aget":
+            if mode.startswith("ours"):
                 from django_async_db import async_connections
 
                 await async_connections.close_all()

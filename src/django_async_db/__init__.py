@@ -13,6 +13,7 @@ Example::
 from __future__ import annotations
 
 from ._bridge import await_only, in_bridge, run_sync
+from ._fastpath import clear_compiled_sql_cache, compiled_sql_cache_info
 from ._pool import all_pool_stats, pool_stats
 from .connection import AsyncConnection, AsyncCursor, async_connections
 from .exceptions import PoolTimeout
@@ -27,6 +28,8 @@ __all__ = [
     "async_atomic",
     "async_connections",
     "await_only",
+    "clear_compiled_sql_cache",
+    "compiled_sql_cache_info",
     "in_bridge",
     "pool_stats",
     "run_sync",

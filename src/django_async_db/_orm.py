@@ -463,6 +463,9 @@ def install() -> None:
     else:
         dispatcher.asyncio = _SequentialGatherAsyncio("asyncio")  # type: ignore[attr-defined]
     setting_changed.connect(_forget_aliases, dispatch_uid="django_async_db._orm")
+    from . import _fastpath
+
+    _fastpath.install()  # reuse compiled SQL for repeated aget() shapes
     # aauthenticate() runs ModelBackend.authenticate() in the bridge: keep the
     # password hashing it does (hundreds of ms of CPU) off the event loop.
     if apps.is_installed("django.contrib.auth"):

@@ -66,3 +66,26 @@ class ChapterNote(AsyncModelMixin, models.Model):
     previous = models.OneToOneField(
         "self", null=True, blank=True, related_name="follower", on_delete=models.SET_NULL
     )
+
+
+class LowerCaseField(models.CharField):  # type: ignore[type-arg]
+    """A field with a ``from_db_value`` converter (the compiled SQL cache must apply it)."""
+
+    def from_db_value(self, value: str | None, expression: object, connection: object) -> object:
+        return value if value is None else value.lower()
+
+
+class Gadget(models.Model):
+    """Every common value type: what the compiled SQL cache's harness looks rows up by."""
+
+    uid = models.UUIDField(unique=True)
+    code = LowerCaseField(max_length=20, unique=True)
+    active = models.BooleanField(default=True)
+    price = models.DecimalField(max_digits=8, decimal_places=2, default=0)
+    ratio = models.FloatField(default=0.5)
+    data = models.JSONField(default=dict)
+    made = models.DateField(null=True)
+    opens = models.TimeField(null=True)
+    seen = models.DateTimeField(null=True)
+    blob = models.BinaryField(default=b"")
+    owner = models.ForeignKey(Author, null=True, on_delete=models.SET_NULL)

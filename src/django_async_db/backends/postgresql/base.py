@@ -70,6 +70,12 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
                 f"back between queries, which closes server-side cursors: also set "
                 f"DATABASES[{self.alias!r}]['DISABLE_SERVER_SIDE_CURSORS'] = True."
             )
+        cache = self.settings_dict["OPTIONS"].get("compiled_sql_cache", True)
+        if not isinstance(cache, bool):
+            raise ImproperlyConfigured(
+                f"DATABASES[{self.alias!r}]['OPTIONS']['compiled_sql_cache'] must be True or "
+                f"False, not {cache!r}."
+            )
         #: Give the connection back after each bridge call outside a transaction
         #: (``OPTIONS["release"] = "idle"``) instead of when the task ends.
         self.release_idle = release == "idle" and self._loop is not None
@@ -78,7 +84,8 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
-        params.pop("release", None)  # ours, not a libpq parameter
+        params.pop("release", None)  # ours, not libpq parameters
+        params.pop("compiled_sql_cache", None)
         return params
 
     @property
