@@ -192,29 +192,6 @@ async def test_closing_the_pools_closes_parked_connections(pool_option):
         await watch.close()
 
 
-async def test_with_every_connection_held_a_new_task_takes_the_next_finished_wrapper(
-    pool_option,
-):
-    pool_option({"min_size": 2, "max_size": 2, "timeout": 10})
-    release = asyncio.Event()
-
-    async def hold() -> tuple[object, int]:
-        got = await run_sync(wrapper_and_pid)
-        await release.wait()
-        return got
-
-    holders = [asyncio.create_task(hold()) for _ in range(2)]
-    await asyncio.sleep(0.1)
-    opened = pool_stats("default")["connections_num"]
-    newcomer = asyncio.create_task(run_sync(wrapper_and_pid))
-    await asyncio.sleep(0.1)
-    assert not newcomer.done()  # every connection is held: it waits
-    release.set()
-    held = await asyncio.gather(*holders)
-    assert await newcomer in held  # a holder's wrapper and connection, whole
-    assert pool_stats("default")["connections_num"] == opened
-
-
 async def test_a_long_holder_does_not_make_new_tasks_wait_while_the_pool_can_grow(pool_option):
     pool_option({"min_size": 1, "max_size": 4, "timeout": 10})
     release = asyncio.Event()

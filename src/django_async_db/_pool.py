@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections import deque
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -21,7 +20,7 @@ from django.core.exceptions import ImproperlyConfigured
 from django.core.signals import setting_changed
 from psycopg_pool.pool_async import MaintenanceTask, StopWorker
 
-from ._bridge import await_only, in_bridge, run_sync
+from ._bridge import await_only, run_sync
 from .backends.postgresql._psycopg import BridgeConnection, PooledAsyncConnection
 from .exceptions import PoolTimeout
 
@@ -118,16 +117,6 @@ class _ConnectionPool(psycopg_pool.AsyncConnectionPool[PooledAsyncConnection]):
             if task is not None and task.cancelling():
                 raise asyncio.CancelledError
 
-    #: The AsyncPool in front of this pool (its tasks may wait for a wrapper).
-    owner: AsyncPool | None = None
-
-    async def _add_to_pool(self, conn: PooledAsyncConnection) -> None:
-        await super()._add_to_pool(conn)
-        if self._pool and self.owner is not None:
-            # A connection is idle here now: a task waiting for a finishing
-            # task's wrapper can have it instead.
-            self.owner.wake_one()
-
     async def _connect(
         self,
         timeout: float | None = None,  # noqa: ASYNC109 - psycopg_pool's signature
@@ -175,9 +164,6 @@ class AsyncPool:
         self._flush_handle: asyncio.TimerHandle | None = None
         self._loop = wrapper._loop
         self._spare_max = options["max_size"] if options is not None else 0
-        # Tasks waiting (in a bridge) for a finishing task's wrapper while every
-        # connection is held: see wait_for_wrapper().
-        self._waiters: deque[asyncio.Future[DatabaseWrapper | None]] = deque()
         #: Checkouts that gave up after ``timeout`` seconds (PoolTimeout raised).
         self.timeouts = 0
         # Every connection this pool made, to close them if the loop closes first.
@@ -200,7 +186,6 @@ class AsyncPool:
                 raise ImproperlyConfigured(
                     f"Invalid DATABASES[{self.alias!r}]['OPTIONS']['pool']: {exc}."
                 ) from exc
-            self._pool.owner = self
             self._opened = False
         # Parking skips psycopg_pool's checkout, hence its health check.
         self._can_park = self._pool is not None and self._pool._check is None
@@ -283,14 +268,6 @@ class AsyncPool:
         pool = self._pool
         if not self._can_park or self.closed or pool is None or pool._waiting:
             return False
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                # Straight to a waiting task: the connection stays checked out.
-                wrapper.reuse()
-                waiter.set_result(wrapper)
-                return True
         self._parked.append((wrapper, self._loop.time(), _generation))  # type: ignore[union-attr]
         self.checked_out -= 1
         if self._flush_handle is None:
@@ -329,58 +306,6 @@ class AsyncPool:
                 return wrapper
         return None
 
-    def wait_for_wrapper(self) -> DatabaseWrapper | None:
-        """Wait, in a bridge, for a finishing task's wrapper while every connection is held.
-
-        A new task arriving when all ``max_size`` connections are open and
-        none is idle takes the first clean wrapper a task leaves, whole
-        (connected), instead of making its own and queueing in psycopg_pool. Returns None
-        at once if a connection could be had otherwise, or later when one went
-        back to psycopg_pool instead; raises :class:`PoolTimeout` after the
-        pool's timeout.
-        """
-        pool = self._pool
-        if (
-            pool is None
-            or not self._can_park
-            or self.closed
-            # psycopg_pool has an idle connection, or can open one.
-            or pool._pool
-            or pool._nconns < pool.max_size
-            or not in_bridge()
-        ):
-            return None
-        loop = self._loop
-        assert loop is not None
-        waiter: asyncio.Future[DatabaseWrapper | None] = loop.create_future()
-        self._waiters.append(waiter)
-        timer = loop.call_later(pool.timeout, self._expire, waiter)
-        try:
-            return await_only(waiter)
-        except BaseException:
-            # Cancelled just as a wrapper was handed over: pass it on.
-            if (
-                waiter.done()
-                and not waiter.cancelled()
-                and waiter.exception() is None
-                and (wrapper := waiter.result()) is not None
-                and not wrapper.end_of_task()
-                and (view := wrapper.connection) is not None
-            ):
-                wrapper.connection = None
-                self.release(view)
-            raise
-        finally:
-            timer.cancel()
-
-    def _expire(self, waiter: asyncio.Future[DatabaseWrapper | None]) -> None:
-        if not waiter.done():
-            self.timeouts += 1
-            assert self._pool is not None
-            waiter.set_exception(
-                PoolTimeout(self.alias, self._pool.max_size, self._pool.timeout, self.checked_out)
-            )
-
     def _flush(self) -> None:
         """Give the connections parked for longer than PARK_SECONDS back to psycopg_pool."""
         self._flush_handle = None
@@ -405,15 +330,6 @@ class AsyncPool:
         self.checked_out -= 1
         self._give_back([view])
 
-    def wake_one(self) -> None:
-        """Send one task waiting for a wrapper to psycopg_pool, which has an idle connection."""
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
-
     def _give_back(self, views: list[BridgeConnection]) -> None:
         """Return parked connections to psycopg_pool, in a task (from sync code)."""
         task = self._loop.create_task(self._give_back_all(views))  # type: ignore[union-attr]
@@ -433,7 +349,6 @@ class AsyncPool:
             self._flush_handle = None
         parked, self._parked = self._parked, []
         self._spare.clear()
-        self._wake_all()
         for wrapper, _, _ in parked:
             view, wrapper.connection = wrapper.connection, None
             await self._return(view)
@@ -468,14 +383,6 @@ class AsyncPool:
             wrapper.connection = None
         self._parked.clear()
         self._spare.clear()
-        self._wake_all()
-
-    def _wake_all(self) -> None:
-        """Send the tasks waiting for a wrapper to the normal path (the pool is going)."""
-        waiters, self._waiters = self._waiters, deque()
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
         for conn in list(self._conns):
             if not conn.closed:
                 conn.pgconn.finish()
@@ -483,9 +390,8 @@ class AsyncPool:
     def get_stats(self) -> dict[str, Any]:
         """Return psycopg_pool's counters and settings, with ``in_use`` and ``timeouts``.
 
-        Connections parked for the loop's next task count as available, and
-        tasks waiting for a finishing task's wrapper as waiting. Empty when
-        unpooled (``OPTIONS["pool"] = False``).
+        Connections parked for the loop's next task count as available. Empty
+        when unpooled (``OPTIONS["pool"] = False``).
         """
         if self._pool is None:
             return {}
@@ -498,7 +404,7 @@ class AsyncPool:
             sum(1 for w in list(waiting) if w.conn is None and w.error is None)
             if waiting is not None
             else stats.get("requests_waiting", 0)
-        ) + sum(not waiter.done() for waiter in self._waiters)
+        )
         stats["pool_available"] = stats.get("pool_available", 0) + len(self._parked)
         stats["connections_parked"] = len(self._parked)
         stats |= {"in_use": self.checked_out, "timeouts": self.timeouts}
@@ -519,15 +425,12 @@ def get_pool(wrapper: DatabaseWrapper) -> AsyncPool:
 
 
 def reuse_wrapper(alias: str) -> DatabaseWrapper | None:
-    """Return a wrapper a finished task left for ``alias`` on the running loop, or None.
-
-    In a bridge, with every connection held by tasks, wait for one.
-    """
+    """Return a wrapper a finished task left for ``alias`` on the running loop, or None."""
     per_loop = _pools.get(asyncio.get_running_loop())
     pool = per_loop.get(alias) if per_loop else None
     if pool is None:
         return None
-    return pool.reuse_parked() or pool.wait_for_wrapper() or pool.reuse_spare()
+    return pool.reuse_parked() or pool.reuse_spare()
 
 
 def _on_loop_close(loop: asyncio.AbstractEventLoop) -> None:
