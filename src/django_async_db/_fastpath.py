@@ -32,8 +32,8 @@ lookups takes a shorter road from the second call of a shape on:
 Django accepted before, returns a clone whose filter is deferred with
 Django's own ``_deferred_filter`` (the values are checked at once by the
 lookup classes); ``afirst()``, ``aexists()`` and ``acount()`` on that
-untouched clone take the same road as ``aget()``. Anything else reading ``.query`` makes Django
-apply the filter as usual.
+untouched clone take the same road as ``aget()``. Anything else reading
+``.query`` makes Django apply the filter as usual.
 
 Anything else (positional ``Q`` arguments, ``None`` or expression values,
 lookups other than ``exact``, related-field paths, querysets with prior state,
