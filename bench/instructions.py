@@ -39,6 +39,11 @@ CONTENDERS = {
     "django_aget": "Django's aget() (stock backend, thread hop)",
     "django_sync_filter_first": "plain sync Django filter(pk=...).first() (stock backend)",
     "ours_filter_afirst": "django-async-db: await filter(pk=...).afirst() (repeated shape)",
+    "django_sync_filter_count": "plain sync Django filter(pk=...).count() (stock backend)",
+    "ours_filter_acount": "django-async-db: await filter(pk=...).acount() (repeated shape)",
+    "ours_filter_acount_no_cache": "django-async-db: await filter(pk=...).acount(), cache off",
+    "django_sync_create": "plain sync Django create(name=..., bio=...) (stock backend)",
+    "ours_acreate": "django-async-db: await acreate(name=..., bio=...)",
     # One request per lookup: a connection checked out of the pool and given back each time.
     "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
     "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
@@ -120,7 +125,7 @@ def run(mode: str, n: int) -> None:
     author = _setup_django(
         ours=mode.startswith("ours"),
         pooled=mode == "django_sync_pool_request",
-        sql_cache=mode != "ours_aget_no_cache",
+        sql_cache=not mode.endswith("_no_cache"),
     )
     if mode == "django_sync_pool_request":
         from django.db import close_old_connections
@@ -136,6 +141,14 @@ def run(mode: str, n: int) -> None:
     if mode == "django_sync_filter_first":
         for _ in range(WARMUP + n):
             author.objects.filter(pk=pk).first()
+        return
+    if mode == "django_sync_filter_count":
+        for _ in range(WARMUP + n):
+            author.objects.filter(pk=pk).count()
+        return
+    if mode == "django_sync_create":
+        for _ in range(WARMUP + n):
+            author.objects.create(name="new", bio="")
         return
 
     async def main() -> None:
@@ -160,6 +173,18 @@ def run(mode: str, n: int) -> None:
 
             for _ in range(WARMUP + n):
                 await author.objects.filter(pk=pk).afirst()
+            await async_connections.close_all()
+        elif mode.startswith("ours_filter_acount"):
+            from django_async_db import async_connections
+
+            for _ in range(WARMUP + n):
+                await author.objects.filter(pk=pk).acount()
+            await async_connections.close_all()
+        elif mode == "ours_acreate":
+            from django_async_db import async_connections
+
+            for _ in range(WARMUP + n):
+                await author.objects.acreate(name="new", bio="")
             await async_connections.close_all()
         else:  # ours_aget, ours_aget_no_cache, django_aget
             for _ in range(WARMUP + n):

@@ -31,9 +31,9 @@ lookups takes a shorter road from the second call of a shape on:
 ``filter(**lookups)`` in async code, on a pristine queryset and for a shape
 Django accepted before, returns a clone whose filter is deferred with
 Django's own ``_deferred_filter`` (the values are checked at once by the
-lookup classes); ``afirst()`` and ``aexists()`` on that untouched clone take
-the same road as ``aget()``. Anything else reading ``.query`` makes Django
-apply the filter as usual.
+lookup classes); ``afirst()``, ``aexists()`` and ``acount()`` on that
+untouched clone take the same road as ``aget()``. Anything else reading
+``.query`` makes Django apply the filter as usual.
 
 Anything else (positional ``Q`` arguments, ``None`` or expression values,
 lookups other than ``exact``, related-field paths, querysets with prior state,
@@ -57,7 +57,7 @@ from uuid import UUID
 from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.core.signals import setting_changed
 from django.db import connections
-from django.db.models import Model, signals
+from django.db.models import Count, Model, signals
 from django.db.models.expressions import Col
 from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable, QuerySet
@@ -78,10 +78,13 @@ MAX_ENTRIES = 1024
 #: instances, expressions and querysets can: they take Django's path).
 _PLAIN_TYPES = frozenset({int, str, float, Decimal, UUID, date, datetime, time, bytes})
 
-#: ``QuerySet`` attributes ``get()`` relies on: a subclass overriding one of
-#: them takes Django's path.
+#: ``QuerySet`` attributes ``get()``, ``first()``, ``exists()`` and ``count()``
+#: rely on: a subclass overriding one of them takes Django's path.
 _GET_METHODS = (
     "get",
+    "first",
+    "exists",
+    "count",
     "filter",
     "_filter_or_exclude",
     "_filter_or_exclude_inplace",
@@ -318,6 +321,48 @@ def _compile_exists(filtered: QuerySet[Any], alias: str, kwargs: dict[str, Any])
     if not _plain_names(list(kwargs)):
         return None
     return _compile(filtered.query.exists(), filtered.model, alias, kwargs, instances=False)
+
+
+def _compile_count(filtered: QuerySet[Any], alias: str, kwargs: dict[str, Any]) -> _Entry | None:
+    """Compile ``filtered.count()`` the way Django does (``Query.get_count()``).
+
+    ``Query.get_aggregation()`` for a query without annotations, grouping,
+    slicing, distinct or combinator (a pristine queryset, filtered) takes its
+    no-subquery branch; these are its steps, up to ``as_sql()``.
+    """
+    if not _plain_names(list(kwargs)):
+        return None
+    query = filtered.query.clone()
+    if (
+        query.annotations
+        or query.group_by is not None
+        or query.is_sliced
+        or query.distinct
+        or query.combinator
+        or query.extra
+    ):
+        return None
+    aggregate = Count("*").resolve_expression(query, allow_joins=True, reuse=None, summarize=True)
+    query.select = ()
+    query.selected = None
+    query.default_cols = False
+    query.extra = {}
+    query.annotations = {"__count": aggregate}
+    query.set_annotation_mask({"__count": aggregate})
+    query.clear_ordering(force=True)
+    query.clear_limits()
+    query.select_for_update = False
+    query.select_related = False
+    # Count's empty_result_set_value is 0, not NotImplemented: Django
+    # compiles with elide_empty=True, get_compiler()'s default.
+    entry = _compile(query, filtered.model, alias, kwargs, instances=False)
+    if entry is not None:
+        compiler = query.get_compiler(using=alias)
+        cols = list(query.annotation_select.values())
+        if compiler.has_composite_fields(cols):
+            return None
+        entry.converters = list(compiler.get_converters(cols).items())
+    return entry
 
 
 def _compile(
@@ -643,6 +688,31 @@ def _miss_exists(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str,
     return qs.exists()
 
 
+def _miss_count(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
+    """Remember the compiled ``count()`` of the filtered shape, then run Django's."""
+    try:
+        entry = _compile_count(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
+    except Exception:
+        pass
+    else:
+        _store(key, entry)
+    return qs.count()
+
+
+def _hit_count(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
+    """Run a cached ``count()`` shape: one row, converted as ``get_aggregation()`` does."""
+    row = _fetch(entry, alias, values, one=True)
+    if row is None:  # pragma: no cover - COUNT(*) always returns a row
+        return 0
+    value = row[0]
+    if entry.converters:
+        connection = connections[alias]
+        for _, (convs, expression) in entry.converters:
+            for converter in convs:
+                value = converter(value, expression, connection)
+    return value
+
+
 def _hit_first(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
     rows = _fetch(entry, alias, values)
     return _rows_to_objects(entry, rows, alias, fetch_mode)[0] if rows else None
@@ -666,6 +736,8 @@ def _run_hit(
     except _UseDjango:
         if hit is _hit_get:
             return qs.get(**kwargs)
+        if hit is _hit_count:
+            return qs.count()
         return qs.first() if hit is _hit_first else qs.exists()
 
 
@@ -714,7 +786,18 @@ async def aexists(self: QuerySet[Any]) -> bool:
     return await _stock_aexists(self)  # type: ignore[no-any-return]
 
 
+async def acount(self: QuerySet[Any]) -> int:
+    """Django's ``QuerySet.acount()``, from the cache after a deferred :func:`filter`."""
+    kwargs = _deferred_kwargs(self)
+    if kwargs is not None:
+        done, result = await _cached(self, "count", kwargs, _miss_count, _hit_count)
+        if done:
+            return result  # type: ignore[no-any-return]
+    return await _stock_acount(self)  # type: ignore[no-any-return]
+
+
 _stock_aget: Callable[..., Any]
+_stock_acount: Callable[..., Any]
 _stock_afirst: Callable[..., Any]
 _stock_aexists: Callable[..., Any]
 _stock_filter: Callable[..., Any] = QuerySet.filter
@@ -722,20 +805,22 @@ _installed = False
 
 
 def install() -> None:
-    """Put the cached ``aget()``, ``afirst()``, ``aexists()`` and ``filter()`` in front of Django's.
+    """Put the cached ``aget()``, ``afirst()``, ``aexists()``, ``acount()`` and ``filter()`` first.
 
     Idempotent.
     """
-    global _installed, _stock_aget, _stock_afirst, _stock_aexists, _stock_filter
+    global _installed, _stock_aget, _stock_afirst, _stock_aexists, _stock_acount, _stock_filter
     if _installed:
         return
     _installed = True
     _stock_aget, _stock_afirst, _stock_aexists = QuerySet.aget, QuerySet.afirst, QuerySet.aexists
+    _stock_acount = QuerySet.acount
     _stock_filter = QuerySet.filter
     for name, function in (
         ("aget", aget),
         ("afirst", afirst),
         ("aexists", aexists),
+        ("acount", acount),
         ("filter", filter),
     ):
         function.__qualname__ = f"QuerySet.{name}"
