@@ -666,37 +666,26 @@ def _deferred_kwargs(qs: QuerySet[Any]) -> dict[str, Any] | None:
     return marker[2]  # type: ignore[no-any-return]
 
 
-def _miss_first(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
-    """Remember the compiled ``first()`` of the filtered shape, then run Django's."""
-    try:
-        entry = _compile_first(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
-    except Exception:
-        pass
-    else:
-        _store(key, entry)
-    return qs.first()
+def _learn_then_run(
+    compile_entry: Callable[[QuerySet[Any], str, dict[str, Any]], _Entry | None], terminal: str
+) -> Callable[[QuerySet[Any], Hashable, str, dict[str, Any]], Any]:
+    """Make the miss of a filtered shape's ``terminal``: remember its entry, run Django's."""
+
+    def miss(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
+        try:
+            entry = compile_entry(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
+        except Exception:  # not cacheable: Django's path every time
+            pass
+        else:
+            _store(key, entry)
+        return getattr(qs, terminal)()
+
+    return miss
 
 
-def _miss_exists(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
-    """Remember the compiled ``exists()`` of the filtered shape, then run Django's."""
-    try:
-        entry = _compile_exists(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
-    except Exception:
-        pass
-    else:
-        _store(key, entry)
-    return qs.exists()
-
-
-def _miss_count(qs: QuerySet[Any], key: Hashable, alias: str, kwargs: dict[str, Any]) -> Any:
-    """Remember the compiled ``count()`` of the filtered shape, then run Django's."""
-    try:
-        entry = _compile_count(qs._chain(), alias, kwargs)  # type: ignore[attr-defined]
-    except Exception:
-        pass
-    else:
-        _store(key, entry)
-    return qs.count()
+_miss_first = _learn_then_run(_compile_first, "first")
+_miss_exists = _learn_then_run(_compile_exists, "exists")
+_miss_count = _learn_then_run(_compile_count, "count")
 
 
 def _hit_count(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
