@@ -208,15 +208,13 @@ class AsyncPool:
 
     async def agetconn(self) -> BridgeConnection:
         """Return the sync view of a connection checked out for the current task."""
-        while self._parked:
-            parked, _, generation = self._parked.pop()
-            view = parked.connection
+        if (parked := self._take_parked()) is not None:
+            # A task whose wrapper lost its connection: take a parked one's.
+            view: BridgeConnection = parked.connection
             parked.connection = None
-            if generation == _generation and not view.closed:
-                self._spare_wrapper(parked)
-                self.checked_out += 1
-                return view  # type: ignore[no-any-return]
-            self._give_back([view])
+            self.spare(parked)
+            self.checked_out += 1
+            return view
         if self._pool is None:
             conn = await self._connect()
         else:
@@ -274,27 +272,29 @@ class AsyncPool:
             self._flush_handle = self._loop.call_later(PARK_SECONDS, self._flush)  # type: ignore[union-attr]
         return True
 
-    def _spare_wrapper(self, wrapper: DatabaseWrapper) -> None:
-        if len(self._spare) < self._spare_max:
-            self._spare.append((wrapper, _generation))
-
     def spare(self, wrapper: DatabaseWrapper) -> None:
         """Keep a finished task's clean wrapper that holds no connection for reuse."""
-        if not self.closed:
-            self._spare_wrapper(wrapper)
+        if not self.closed and len(self._spare) < self._spare_max:
+            self._spare.append((wrapper, _generation))
 
-    def reuse_parked(self) -> DatabaseWrapper | None:
-        """Return the newest parked (connected) wrapper for a task, or None."""
+    def _take_parked(self) -> DatabaseWrapper | None:
+        """Pop the newest parked wrapper still usable; stale ones give their connection back."""
         parked = self._parked
         while parked:
             wrapper, _, generation = parked.pop()
             if generation == _generation and not wrapper.connection.closed:
-                self.checked_out += 1
-                wrapper.reuse()
                 return wrapper
             self._give_back([wrapper.connection])
             wrapper.connection = None
         return None
+
+    def reuse_parked(self) -> DatabaseWrapper | None:
+        """Return the newest parked (connected) wrapper for a task, or None."""
+        wrapper = self._take_parked()
+        if wrapper is not None:
+            self.checked_out += 1
+            wrapper.reuse()
+        return wrapper
 
     def reuse_spare(self) -> DatabaseWrapper | None:
         """Return a spare wrapper (not connected) for a task, or None."""
@@ -331,7 +331,7 @@ class AsyncPool:
         self._give_back([view])
 
     def _give_back(self, views: list[BridgeConnection]) -> None:
-        """Return parked connections to psycopg_pool, in a task (from sync code)."""
+        """Return connections to psycopg_pool, in a task (from sync code)."""
         task = self._loop.create_task(self._give_back_all(views))  # type: ignore[union-attr]
         _closing.add(task)
         task.add_done_callback(_closing.discard)

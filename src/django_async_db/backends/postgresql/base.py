@@ -224,23 +224,19 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         lifetime is the task's (and the pool's ``max_lifetime``), not
         ``CONN_MAX_AGE``.
         """
-        if self.connection is None:
-            return
-        self.health_check_done = False
-        if self.get_autocommit() != self.settings_dict["AUTOCOMMIT"]:
-            self.close()
-        elif self.errors_occurred:
-            if self.is_usable():
-                self.errors_occurred = False
-                self.health_check_done = True
-            else:
-                self.close()
+        close_at, self.close_at = self.close_at, None
+        try:
+            self.close_if_unusable_or_obsolete()
+        finally:
+            self.close_at = close_at
 
     def reuse(self) -> None:
-        """Reset what a new wrapper would not carry over (a task takes this one)."""
+        """Reset what a new wrapper would not carry over (a task takes this one).
+
+        A parked wrapper's connection is never health-checked again here:
+        parking is off when ``CONN_HEALTH_CHECKS`` (or a pool ``check``) is set.
+        """
         self.queries_log.clear()
-        if self.settings_dict["CONN_HEALTH_CHECKS"]:
-            self.health_check_done = False
 
 
 install_async_unsafe_hook(DatabaseWrapper)
