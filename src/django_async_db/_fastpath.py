@@ -48,7 +48,7 @@ import threading
 import weakref
 from asyncio import _get_running_loop
 from collections import OrderedDict
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Coroutine, Hashable
 from datetime import date, datetime, time
 from decimal import Decimal
 from typing import Any, NamedTuple
@@ -755,40 +755,35 @@ async def _cached(
     return False, None
 
 
-async def afirst(self: QuerySet[Any]) -> Any:
-    """Django's ``QuerySet.afirst()``, from the cache after a deferred :func:`filter`."""
-    kwargs = _deferred_kwargs(self)
-    if kwargs is not None:
-        done, result = await _cached(self, "first", kwargs, _miss_first, _hit_first)
-        if done:
-            return result
-    return await _stock_afirst(self)
+def _filtered_terminal(
+    name: str,
+    miss: Callable[[QuerySet[Any], Hashable, str, dict[str, Any]], Any],
+    hit: Callable[[_Entry, str, tuple[Any, ...], Any], Any],
+) -> Callable[[QuerySet[Any]], Coroutine[Any, Any, Any]]:
+    """Make Django's ``QuerySet.a<name>()``, from the cache after a deferred :func:`filter`."""
+
+    async def terminal(self: QuerySet[Any]) -> Any:
+        kwargs = _deferred_kwargs(self)
+        if kwargs is not None:
+            done, result = await _cached(self, name, kwargs, miss, hit)
+            if done:
+                return result
+        return await _stock_terminals[name](self)
+
+    terminal.__name__ = f"a{name}"
+    terminal.__doc__ = (
+        f"Django's ``QuerySet.a{name}()``, from the cache after a deferred :func:`filter`."
+    )
+    return terminal
 
 
-async def aexists(self: QuerySet[Any]) -> bool:
-    """Django's ``QuerySet.aexists()``, from the cache after a deferred :func:`filter`."""
-    kwargs = _deferred_kwargs(self)
-    if kwargs is not None:
-        done, result = await _cached(self, "exists", kwargs, _miss_exists, _hit_exists)
-        if done:
-            return result  # type: ignore[no-any-return]
-    return await _stock_aexists(self)  # type: ignore[no-any-return]
-
-
-async def acount(self: QuerySet[Any]) -> int:
-    """Django's ``QuerySet.acount()``, from the cache after a deferred :func:`filter`."""
-    kwargs = _deferred_kwargs(self)
-    if kwargs is not None:
-        done, result = await _cached(self, "count", kwargs, _miss_count, _hit_count)
-        if done:
-            return result  # type: ignore[no-any-return]
-    return await _stock_acount(self)  # type: ignore[no-any-return]
-
+afirst = _filtered_terminal("first", _miss_first, _hit_first)
+aexists = _filtered_terminal("exists", _miss_exists, _hit_exists)
+acount = _filtered_terminal("count", _miss_count, _hit_count)
 
 _stock_aget: Callable[..., Any]
-_stock_acount: Callable[..., Any]
-_stock_afirst: Callable[..., Any]
-_stock_aexists: Callable[..., Any]
+# Django's afirst/aexists/acount by terminal name ("first", ...), kept by install().
+_stock_terminals: dict[str, Callable[..., Any]] = {}
 _stock_filter: Callable[..., Any] = QuerySet.filter
 _installed = False
 
@@ -798,12 +793,12 @@ def install() -> None:
 
     Idempotent.
     """
-    global _installed, _stock_aget, _stock_afirst, _stock_aexists, _stock_acount, _stock_filter
+    global _installed, _stock_aget, _stock_filter
     if _installed:
         return
     _installed = True
-    _stock_aget, _stock_afirst, _stock_aexists = QuerySet.aget, QuerySet.afirst, QuerySet.aexists
-    _stock_acount = QuerySet.acount
+    _stock_aget = QuerySet.aget
+    _stock_terminals.update(first=QuerySet.afirst, exists=QuerySet.aexists, count=QuerySet.acount)
     _stock_filter = QuerySet.filter
     for name, function in (
         ("aget", aget),
