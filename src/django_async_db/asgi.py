@@ -244,17 +244,9 @@ def _is_response_close(func: Any) -> bool:
     )
 
 
-def _handler_sync_to_async(func: Any = None, **kwargs: Any) -> Any:
-    """``sync_to_async`` for Django's ASGI handler module: responses close in the bridge."""
-    if func is not None and _serving.get() is not None and _is_response_close(func) and not kwargs:
-
-        async def close() -> None:
-            await run_sync(func)
-
-        return close
-    if func is None:
-        return functools.partial(_handler_sync_to_async, **kwargs)
-    return asgiref_sync.sync_to_async(func, **kwargs)
+def _closes_a_response(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
+    """Decide for Django's ASGI handler module: a served request's response closes in the bridge."""
+    return _serving.get() is not None and _is_response_close(func)
 
 
 def _middleware_on_loop(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
@@ -270,7 +262,9 @@ def _install() -> None:
     proxy = _Signals("django.core.signals")
     django_asgi.signals = proxy  # type: ignore[attr-defined]
     importlib.import_module("django.http.response").signals = proxy  # type: ignore[attr-defined]
-    django_asgi.sync_to_async = _handler_sync_to_async  # type: ignore[attr-defined]
+    django_asgi.sync_to_async = _bridging_sync_to_async(  # type: ignore[attr-defined]
+        _closes_a_response, "sync_to_async"
+    )
 
 
 @functools.cache
