@@ -165,7 +165,12 @@ def compiled_sql_cache_info() -> CacheInfo:
     """Return the compiled SQL cache's hit, miss and bypass counts and its size.
 
     ``bypassed`` counts calls that took Django's path because their shape is
-    not cacheable.
+    not cacheable. Example::
+
+        from django_async_db import compiled_sql_cache_info
+
+        info = compiled_sql_cache_info()
+        hit_rate = info.hits / max(info.hits + info.misses, 1)
     """
     return CacheInfo(_hits, _misses, _bypassed, len(_cache), MAX_ENTRIES)
 
@@ -175,7 +180,12 @@ def clear_compiled_sql_cache() -> None:
 
     Done automatically when a setting changes (``override_settings``) or the
     app registry is reloaded; call it after changing models or fields at run
-    time by other means.
+    time by other means. Example::
+
+        from django_async_db import clear_compiled_sql_cache, compiled_sql_cache_info
+
+        clear_compiled_sql_cache()
+        assert compiled_sql_cache_info().size == 0
     """
     global _hits, _misses, _bypassed
     with _lock:
