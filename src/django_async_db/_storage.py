@@ -100,6 +100,23 @@ class TaskLocal:
     def _unshare(self, task: asyncio.Task[Any]) -> None:
         self._tasks.pop(task, None)
 
+    def lookup(self, name: str) -> Any:
+        """Return the caller's wrapper for ``name`` (or the pinned one), else None.
+
+        ``connections[alias]``'s fast path: one call instead of a failed
+        attribute lookup, ``__getattr__`` and :meth:`_namespace`.
+        """
+        try:
+            task = current_task()
+        except RuntimeError:  # no running loop
+            task = None
+        if task is None:
+            return getattr(self._thread, name, None)
+        ns = self._tasks.get(task)
+        if ns is not None and (wrapper := ns.__dict__.get(name)) is not None:
+            return wrapper
+        return self._pins.get(name)
+
     def __getattr__(self, name: str) -> Any:
         ns, in_task = self._namespace(create=False)
         try:
@@ -217,4 +234,19 @@ def install() -> TaskLocal:
             return create(alias)
 
         connections.create_connection = create_connection  # type: ignore[method-assign]
+        handler = type(connections)
+        if "__getitem__" not in handler.__dict__ or not getattr(
+            handler.__getitem__, "_task_local", False
+        ):
+            django_getitem = handler.__getitem__
+
+            def __getitem__(self: Any, alias: str) -> Any:
+                # Django's lookup, with TaskLocal.lookup() first for the common case.
+                storage = self._connections
+                if type(storage) is TaskLocal and (wrapper := storage.lookup(alias)) is not None:
+                    return wrapper
+                return django_getitem(self, alias)
+
+            __getitem__._task_local = True  # type: ignore[attr-defined]
+            handler.__getitem__ = __getitem__  # type: ignore[method-assign]
     return storage
