@@ -44,6 +44,15 @@ CONTENDERS = {
     "ours_filter_acount_no_cache": "django-async-db: await filter(pk=...).acount(), cache off",
     "django_sync_create": "plain sync Django create(name=..., bio=...) (stock backend)",
     "ours_acreate": "django-async-db: await acreate(name=..., bio=...)",
+    # W2/W3 shapes: 20 books from a start id, without and with their authors.
+    "raw_psycopg_async_w2": "raw psycopg AsyncConnection: W2's SQL, 20 rows as tuples",
+    "django_sync_w2": "plain sync Django: list(filter(id__gte).order_by('id')[:20])",
+    "ours_w2": "django-async-db: [b async for b in filter(id__gte).order_by('id')[:20]]",
+    "ours_w2_no_cache": "django-async-db: W2, OPTIONS['compiled_sql_cache'] = False",
+    "raw_psycopg_async_w3": "raw psycopg AsyncConnection: W3's SQL (join), 20 rows as tuples",
+    "django_sync_w3": "plain sync Django: W3 (select_related('author'), 20 books)",
+    "ours_w3": "django-async-db: W3, async for (repeated shape)",
+    "ours_w3_no_cache": "django-async-db: W3, OPTIONS['compiled_sql_cache'] = False",
     # One request per lookup: a connection checked out of the pool and given back each time.
     "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
     "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
@@ -97,9 +106,36 @@ def _setup_django(ours: bool, pooled: bool = False, sql_cache: bool = True) -> A
     return Author
 
 
+W2_SQL = (
+    'SELECT "bench_app_book"."id", "bench_app_book"."author_id", "bench_app_book"."title", '
+    '"bench_app_book"."pages" FROM "bench_app_book" WHERE "bench_app_book"."id" >= %s '
+    'ORDER BY "bench_app_book"."id" ASC LIMIT 20'
+)
+W3_SQL = (
+    'SELECT "bench_app_book"."id", "bench_app_book"."author_id", "bench_app_book"."title", '
+    '"bench_app_book"."pages", "bench_app_author"."id", "bench_app_author"."name", '
+    '"bench_app_author"."bio" FROM "bench_app_book" INNER JOIN "bench_app_author" '
+    'ON ("bench_app_book"."author_id" = "bench_app_author"."id") '
+    'WHERE "bench_app_book"."id" >= %s ORDER BY "bench_app_book"."id" ASC LIMIT 20'
+)
+
+
 def run(mode: str, n: int) -> None:
     """Do ``WARMUP + n`` lookups of the same row with contender ``mode``."""
     pk = 1
+    if mode in ("raw_psycopg_async_w2", "raw_psycopg_async_w3"):
+        import psycopg
+
+        sql = W2_SQL if mode.endswith("w2") else W3_SQL
+
+        async def raw_list() -> None:
+            async with await psycopg.AsyncConnection.connect(_conninfo(), autocommit=True) as conn:
+                for _ in range(WARMUP + n):
+                    cur = await conn.execute(sql, [pk])
+                    assert len(await cur.fetchall()) == 20
+
+        asyncio.run(raw_list())
+        return
     if mode == "raw_psycopg_sync":
         import psycopg
 
@@ -146,6 +182,17 @@ def run(mode: str, n: int) -> None:
         for _ in range(WARMUP + n):
             author.objects.filter(pk=pk).count()
         return
+    if mode == "django_sync_w2":
+        book = author.books.field.model
+        for _ in range(WARMUP + n):
+            assert len(list(book.objects.filter(id__gte=pk).order_by("id")[:20])) == 20
+        return
+    if mode == "django_sync_w3":
+        book = author.books.field.model
+        for _ in range(WARMUP + n):
+            qs = book.objects.select_related("author").filter(id__gte=pk).order_by("id")[:20]
+            assert len([b.author.name for b in qs]) == 20
+        return
     if mode == "django_sync_create":
         for _ in range(WARMUP + n):
             author.objects.create(name="new", bio="")
@@ -179,6 +226,18 @@ def run(mode: str, n: int) -> None:
 
             for _ in range(WARMUP + n):
                 await author.objects.filter(pk=pk).acount()
+            await async_connections.close_all()
+        elif mode.startswith(("ours_w2", "ours_w3")):
+            from django_async_db import async_connections
+
+            book = author.books.field.model
+            for _ in range(WARMUP + n):
+                if mode.startswith("ours_w2"):
+                    qs = book.objects.filter(id__gte=pk).order_by("id")[:20]
+                    assert len([b async for b in qs]) == 20
+                else:
+                    qs = book.objects.select_related("author").filter(id__gte=pk).order_by("id")
+                    assert len([b.author.name async for b in qs[:20]]) == 20
             await async_connections.close_all()
         elif mode == "ours_acreate":
             from django_async_db import async_connections
@@ -238,6 +297,15 @@ def _create_db() -> str:
         c.execute(
             "INSERT INTO bench_app_author (name, bio) SELECT 'author ' || i, 'bio' "
             "FROM generate_series(1, 100) i"
+        )
+        c.execute(
+            "CREATE TABLE bench_app_book (id bigserial PRIMARY KEY, author_id bigint NOT NULL"
+            " REFERENCES bench_app_author (id), title varchar(200) NOT NULL,"
+            " pages integer NOT NULL)"
+        )
+        c.execute(
+            "INSERT INTO bench_app_book (author_id, title, pages) SELECT 1 + i % 100, "
+            "'book ' || i, i FROM generate_series(1, 100) i"
         )
     return name
 

@@ -1,0 +1,245 @@
+"""Turn the rows of a cached query shape into model instances, as Django does.
+
+The compiled SQL cache (:mod:`django_async_db._fastpath`) runs SQL that Django
+compiled once; this module replaces the other half of Django's read path:
+``ModelIterable`` for the queried model and ``RelatedPopulator`` for each
+``select_related()`` model (nested ones included). A :class:`Plan` is built
+from the compiler's ``klass_info`` when the shape is compiled; on every hit
+:func:`rows_to_objects` applies the column converters as
+``SQLCompiler.apply_converters`` does and builds each instance:
+
+- directly (``object.__new__`` and the instance ``__dict__``, the same
+  attributes and ``_state`` as ``Model.from_db`` gives) when the model has
+  Django's own ``__init__``, ``__new__``, ``__setattr__`` and ``from_db``,
+  plain field descriptors and no ``pre_init``/``post_init`` receivers;
+- with ``Model.from_db`` otherwise, so overrides and receivers run.
+
+Related objects are linked with the compiler's own ``local_setter`` and
+``remote_setter``; a related row whose primary key is NULL gives ``None``;
+on Django 6.1 each object gets the queryset's fetch mode and, when the mode
+tracks peers, one peers list per model per query, as Django builds them.
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Callable
+from typing import Any
+
+from django.db import connections
+from django.db.models import Model, signals
+from django.db.models.base import ModelState
+from django.db.models.fields.related_descriptors import ForeignKeyDeferredAttribute
+from django.db.models.query_utils import DeferredAttribute
+
+try:  # Django >= 6.1: fetch modes, from_db(..., fetch_mode=)
+    from django.db.models.query import _get_from_db  # type: ignore[attr-defined]
+except ImportError:  # pragma: no cover - Django < 6.1
+    _get_from_db = None
+
+__all__ = ["Plan", "build_plan", "direct_construction", "rows_to_objects"]
+
+
+class Plan:
+    """How one model's columns of a row become an instance (``RelatedPopulator``'s data)."""
+
+    __slots__ = (
+        "attnames",
+        "direct",
+        "end",
+        "fk_positions",
+        "local_setter",
+        "model",
+        "pk_idx",
+        "related",
+        "remote_setter",
+        "start",
+    )
+
+    def __init__(
+        self,
+        model: type[Model],
+        start: int,
+        attnames: tuple[str, ...],
+        related: tuple[Plan, ...],
+        local_setter: Callable[[Any, Any], None] | None,
+        remote_setter: Callable[[Any, Any], None] | None,
+    ) -> None:
+        self.model = model
+        self.start = start
+        self.end = start + len(attnames)
+        self.attnames = attnames
+        self.related = related
+        self.local_setter = local_setter
+        self.remote_setter = remote_setter
+        self.pk_idx = attnames.index(model._meta.pk.attname)  # type: ignore[union-attr]
+        self.direct = direct_construction(model, attnames)
+        self.fk_positions = tuple(
+            i
+            for i, name in enumerate(attnames)
+            if type(getattr(model, name, None)) is ForeignKeyDeferredAttribute
+        )
+
+
+def build_plan(klass_info: dict[str, Any], select: list[Any]) -> Plan | None:
+    """Return the plan of a compiler's ``klass_info`` (and its related ones), or None.
+
+    None when Django would do something the plan does not replicate: a model
+    reached through a parent link (multi-table inheritance reorders the
+    columns), or a model whose columns are not all its concrete fields in
+    order (``only()``/``defer()``).
+    """
+    if klass_info.get("from_parent"):
+        return None
+    fields = list(klass_info["select_fields"])
+    if not fields or fields != list(range(fields[0], fields[-1] + 1)):
+        return None
+    model = klass_info["model"]
+    start = fields[0]
+    attnames = tuple(s[0].target.attname for s in select[start : fields[-1] + 1])
+    if list(attnames) != [f.attname for f in model._meta.concrete_fields]:
+        return None
+    related = []
+    for info in klass_info.get("related_klass_infos", ()):
+        plan = build_plan(info, select)
+        if plan is None:
+            return None
+        related.append(plan)
+    return Plan(
+        model,
+        start,
+        attnames,
+        tuple(related),
+        klass_info.get("local_setter"),
+        klass_info.get("remote_setter"),
+    )
+
+
+def direct_construction(model: type[Model], attnames: tuple[str, ...]) -> bool:
+    """Return True if rows can become instances without calling ``Model.__init__``."""
+    if (
+        model.__init__ is not Model.__init__  # type: ignore[misc]
+        or model.__new__ is not Model.__new__
+        or model.__setattr__ is not Model.__setattr__  # __init__ sets fields with setattr()
+        or model.from_db.__func__ is not Model.from_db.__func__  # type: ignore[attr-defined]
+        or model._meta.abstract
+    ):
+        return False
+    for name in attnames:
+        descriptor = model.__dict__.get(name)
+        if descriptor is None:
+            descriptor = getattr(model, name, None)
+        if type(descriptor) not in (DeferredAttribute, ForeignKeyDeferredAttribute):
+            return False
+    return True
+
+
+def has_init_receivers(model: type[Model]) -> bool:
+    """Return True if ``pre_init`` or ``post_init`` has a receiver for ``model``."""
+    return bool(
+        (signals.pre_init.receivers and signals.pre_init.has_listeners(model))
+        or (signals.post_init.receivers and signals.post_init.has_listeners(model))
+    )
+
+
+def _maker(plan: Plan, alias: str, fetch_mode: Any) -> Callable[[Any], Any]:
+    """Return a function turning one model's values into an instance, as ``from_db`` does."""
+    model = plan.model
+    attnames = plan.attnames
+    if plan.direct and not has_init_receivers(model):
+        fk_positions = plan.fk_positions
+        new = object.__new__
+
+        def make(values: Any) -> Any:
+            obj = new(model)
+            state = ModelState()
+            if any(values[i] is not None for i in fk_positions):
+                # Model.__init__ sets FKs through their descriptor, which
+                # creates the instance's (empty) related-object cache.
+                state.fields_cache = {}
+            obj.__dict__["_state"] = state
+            obj.__dict__.update(zip(attnames, values, strict=True))
+            state.adding = False
+            state.db = alias
+            if fetch_mode is not None:
+                state.fetch_mode = fetch_mode
+            return obj
+
+        return make
+    # Django < 6.1 has no fetch modes (and no _get_from_db).
+    from_db = _get_from_db(model, fetch_mode) if _get_from_db is not None else model.from_db
+    names = list(attnames)
+    return lambda values: from_db(alias, names, values)
+
+
+class _Populator:
+    """One ``RelatedPopulator`` for one query: its plan, maker and peers list."""
+
+    __slots__ = ("children", "make", "peers", "plan")
+
+    def __init__(self, plan: Plan, alias: str, fetch_mode: Any, track_peers: bool) -> None:
+        self.plan = plan
+        self.make = _maker(plan, alias, fetch_mode)
+        self.peers: list[Any] | None = [] if track_peers else None
+        self.children = [_Populator(p, alias, fetch_mode, track_peers) for p in plan.related]
+
+    def populate(self, row: Any, from_obj: Any) -> None:
+        """Build the related object of ``row`` (or None) and link it, as Django does."""
+        plan = self.plan
+        values = row[plan.start : plan.end]
+        if values[plan.pk_idx] is None:
+            obj = None
+        else:
+            obj = self.make(values)
+            if self.peers is not None:
+                self.peers.append(weakref.ref(obj))
+                obj._state.peers = self.peers
+            for child in self.children:
+                child.populate(row, obj)
+        plan.local_setter(from_obj, obj)  # type: ignore[misc]
+        if obj is not None:
+            plan.remote_setter(obj, from_obj)  # type: ignore[misc]
+
+
+def rows_to_objects(
+    plan: Plan,
+    converters: list[tuple[int, tuple[list[Any], Any]]],
+    rows: list[Any],
+    alias: str,
+    fetch_mode: Any,
+) -> list[Any]:
+    """Turn result rows into instances exactly as ``ModelIterable`` does."""
+    if converters:
+        connection = connections[alias]
+        converted = []
+        for row in rows:
+            row = list(row)
+            for pos, (convs, expression) in converters:
+                value = row[pos]
+                for converter in convs:
+                    value = converter(value, expression, connection)
+                row[pos] = value
+            converted.append(row)
+        rows = converted
+    track_peers = fetch_mode is not None and fetch_mode.track_peers
+    make = _maker(plan, alias, fetch_mode)
+    populators = [_Populator(p, alias, fetch_mode, track_peers) for p in plan.related]
+    peers: list[Any] = []
+    objs: list[Any] = []
+    if populators:
+        end = plan.end
+        for row in rows:
+            obj = make(row[:end])
+            if track_peers:
+                peers.append(weakref.ref(obj))
+                obj._state.peers = peers
+            for populator in populators:
+                populator.populate(row, obj)
+            objs.append(obj)
+    else:
+        objs = [make(row) for row in rows]
+        if track_peers:
+            for obj in objs:
+                peers.append(weakref.ref(obj))
+                obj._state.peers = peers
+    return objs
