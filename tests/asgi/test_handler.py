@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,24 +31,6 @@ def asgi_urls() -> Iterator[None]:
         SEEN.clear()
         yield
     SEEN.clear()
-
-
-@pytest.fixture
-def hop_probe() -> Iterator[Callable[[], list[str]]]:
-    """Record every hop to a thread made on the running loop (``run_in_executor``)."""
-    loop = asyncio.get_event_loop()
-    hops: list[str] = []
-    original = loop.run_in_executor
-
-    def run_in_executor(executor: Any, func: Any, *args: Any) -> Any:
-        hops.append(getattr(func, "__qualname__", repr(func)))
-        return original(executor, func, *args)
-
-    loop.run_in_executor = run_in_executor  # type: ignore[method-assign]
-    try:
-        yield lambda: list(hops)
-    finally:
-        del loop.run_in_executor
 
 
 async def test_async_view_reading_and_writing_makes_no_thread_hop(hop_probe, thread_probe):
