@@ -75,8 +75,21 @@ __all__ = ["ASGIHandler", "get_asgi_application"]
 
 T = TypeVar("T")
 
-#: The handler of this package serving the current request (None otherwise).
-_serving: contextvars.ContextVar[ASGIHandler | None] = contextvars.ContextVar(
+
+class _Request:
+    """A request this package's handler serves (the value of ``_serving`` while it does)."""
+
+    __slots__ = ("handler", "outer_thread")
+
+    def __init__(self, handler: ASGIHandler) -> None:
+        self.handler = handler
+        #: Served from inside ``async_to_sync``: its sync thread is the request's thread.
+        #: Fixed for the request; asgiref's ``Local`` is slow to ask, so asked once.
+        self.outer_thread = getattr(asgiref_sync.AsyncToSync.executors, "current", None) is not None
+
+
+#: The request this package's handler is serving (None otherwise).
+_serving: contextvars.ContextVar[_Request | None] = contextvars.ContextVar(
     "django_async_db_asgi_serving", default=None
 )
 
@@ -98,24 +111,24 @@ def _on_loop_receivers() -> tuple[Callable[..., Any], ...]:
     return (close_old_connections, reset_queries, close_caches, reset_urlconf)
 
 
-def _on_loop(receiver: Any) -> bool:
-    # By identity: a receiver may be an unhashable object with its own __eq__.
-    return id(receiver) in _on_loop_ids()
-
-
 @functools.cache
 def _on_loop_ids() -> frozenset[int]:
+    # By identity: a receiver may be an unhashable object with its own __eq__.
     return frozenset(id(r) for r in _on_loop_receivers())  # module functions: never freed
 
 
 def _request_thread_used() -> bool:
     """Return True if this request already ran sync code in a thread-sensitive thread."""
-    if getattr(asgiref_sync.AsyncToSync.executors, "current", None) is not None:
-        return True  # served from inside async_to_sync: the outer sync thread is used
     context = asgiref_sync.SyncToAsync.thread_sensitive_context.get(None)
     if context is None:
         return True  # the loop's shared thread-sensitive thread: clean it as Django does
-    return context in asgiref_sync.SyncToAsync.context_to_thread_executor
+    if context in asgiref_sync.SyncToAsync.context_to_thread_executor:
+        return True
+    request = _serving.get()
+    # Served from inside async_to_sync: the outer sync thread is the request's thread.
+    if request is None:
+        return getattr(asgiref_sync.AsyncToSync.executors, "current", None) is not None
+    return request.outer_thread
 
 
 def _call(receivers: list[Any], signal: Signal, sender: Any, named: dict[str, Any]) -> list[Any]:
@@ -127,19 +140,23 @@ def _call_on_loop(
 ) -> list[Any]:
     """Call the housekeeping receivers in the request's task.
 
-    At ``request_finished`` the task is about to end: ``close_old_connections``
-    still drops a task-owned connection that is unusable (Django's checks),
-    but leaves a healthy one to the end of the task, which parks it for the
-    next request instead of handing it to psycopg_pool now.
+    ``close_old_connections`` and ``reset_queries`` act on initialized
+    connections only: with none (a server's new task, at ``request_started``)
+    they are not called. At ``request_finished`` the task is about to end:
+    ``close_old_connections`` still drops a task-owned connection that is
+    unusable (Django's checks), but leaves a healthy one to the end of the
+    task, which parks it for the next request instead of handing it to
+    psycopg_pool now.
     """
-    from django.db import close_old_connections, connections
+    from django.db import close_old_connections, connections, reset_queries
 
-    if signal is not django_signals.request_finished:
-        return _call(receivers, signal, sender, named)
-    responses = []
+    initialized = connections.all(initialized_only=True)
+    responses: list[Any] = []
     for r in receivers:
-        if r is close_old_connections:
-            for conn in connections.all(initialized_only=True):
+        if (r is close_old_connections or r is reset_queries) and not initialized:
+            responses.append((r, None))
+        elif r is close_old_connections and signal is django_signals.request_finished:
+            for conn in initialized:
                 if getattr(conn, "is_async", False):
                     conn.close_if_unusable()  # type: ignore[attr-defined]
                 else:
@@ -167,9 +184,12 @@ def _dispatch(
     together. :func:`_send` (in the bridge) and :func:`_asend` drive it.
     """
     sync_receivers, async_receivers = signal._live_receivers(sender)
-    responses = _call_on_loop([r for r in sync_receivers if _on_loop(r)], signal, sender, named)
-    thread_used = _request_thread_used()
-    in_thread = [r for r in sync_receivers if thread_used or not _on_loop(r)]
+    ids = _on_loop_ids()
+    responses = _call_on_loop([r for r in sync_receivers if id(r) in ids], signal, sender, named)
+    if _request_thread_used():
+        in_thread = sync_receivers
+    else:
+        in_thread = [r for r in sync_receivers if id(r) not in ids]
     if in_thread:
         responses += yield asgiref_sync.sync_to_async(_call, thread_sensitive=True)(
             in_thread, signal, sender, named
@@ -259,9 +279,11 @@ _REQUEST_FINISHED = _RequestFinished()
 
 def _middleware_on_loop(func: Callable[..., Any], args: tuple[Any, ...]) -> bool:
     """Decide for a middleware's sync hook: bridge it if its handler allows it."""
-    handler = _serving.get()
+    request = _serving.get()
     owner = getattr(func, "__self__", None)
-    return handler is not None and owner is not None and type(owner) in handler.loop_middleware
+    return (
+        request is not None and owner is not None and type(owner) in request.handler.loop_middleware
+    )
 
 
 @functools.cache
@@ -304,7 +326,7 @@ class ASGIHandler(django_asgi.ASGIHandler):  # type: ignore[misc]
         super().__init__()
 
     async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        token = _serving.set(self)
+        token = _serving.set(_Request(self))
         try:
             await super().__call__(scope, receive, send)
         finally:

@@ -253,3 +253,29 @@ async def test_session_middleware_saves_on_the_loop_when_listed(hop_probe, threa
     assert hop_probe()[before:] == []
     assert thread_probe() == {threading.get_ident()}  # the session was saved on the loop
     assert await Session.objects.acount() == 2
+
+
+async def test_served_from_inside_async_to_sync_the_outer_thread_is_cleaned_too():
+    """As with Django: the outer sync thread runs the request's sync receivers and housekeeping."""
+    from asgiref.sync import async_to_sync, sync_to_async
+    from django.db import connections
+
+    app = ASGIHandler()
+    seen: list[int] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append(threading.get_ident())
+
+    def outer() -> tuple[int, int]:
+        wrapper = connections["default"]  # this thread's own (sync) wrapper
+        wrapper.queries_log.append({"sql": "SELECT 1", "time": "0.000"})
+        async_to_sync(request)(app, "/read-write/")
+        return threading.get_ident(), len(wrapper.queries_log)
+
+    request_started.connect(receiver)
+    try:
+        thread, logged = await sync_to_async(outer)()
+    finally:
+        request_started.disconnect(receiver)
+    assert seen == [thread]
+    assert logged == 0  # reset_queries ran there too
