@@ -56,3 +56,60 @@ async def request(app: Any, path: str, method: str = "GET", query: str = "") -> 
     body = b"".join(m.get("body", b"") for m in messages[1:])
     headers = {k.decode().lower(): v.decode() for k, v in messages[0]["headers"]}
     return Response(messages[0]["status"], body, headers)
+
+
+class Exchange:
+    """One request into an application, with the client's side under the test's control.
+
+    ``receive()`` gives the (empty) request body, then waits until the test
+    calls :meth:`disconnect` (or :meth:`send_message` with another message).
+    """
+
+    def __init__(self, app: Any, path: str, query: str = "") -> None:
+        self.app = app
+        self.scope = {
+            "type": "http",
+            "asgi": {"version": "3.0"},
+            "http_version": "1.1",
+            "method": "GET",
+            "scheme": "http",
+            "path": path,
+            "raw_path": path.encode(),
+            "query_string": query.encode(),
+            "root_path": "",
+            "headers": [(b"host", b"testserver")],
+            "client": ("127.0.0.1", 40000),
+            "server": ("testserver", 80),
+        }
+        self.messages: list[dict[str, Any]] = []
+        self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        self.inbox.put_nowait({"type": "http.request", "body": b"", "more_body": False})
+        #: How the application's receive() calls ended: "message", "cancelled".
+        self.receive_calls: list[str] = []
+        self.task: asyncio.Task[None] | None = None
+
+    async def receive(self) -> dict[str, Any]:
+        try:
+            message = await self.inbox.get()
+        except asyncio.CancelledError:
+            self.receive_calls.append("cancelled")
+            raise
+        self.receive_calls.append("message")
+        return message
+
+    async def send(self, message: dict[str, Any]) -> None:
+        self.messages.append(message)
+
+    def start(self) -> asyncio.Task[None]:
+        """Start the application in a task of its own, as a server does."""
+        self.task = asyncio.create_task(self.app(self.scope, self.receive, self.send))
+        return self.task
+
+    def disconnect(self) -> None:
+        self.send_message({"type": "http.disconnect"})
+
+    def send_message(self, message: dict[str, Any]) -> None:
+        self.inbox.put_nowait(message)
+
+    def body(self) -> bytes:
+        return b"".join(m.get("body", b"") for m in self.messages[1:])

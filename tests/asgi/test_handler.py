@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -31,24 +31,6 @@ def asgi_urls() -> Iterator[None]:
         SEEN.clear()
         yield
     SEEN.clear()
-
-
-@pytest.fixture
-def hop_probe() -> Iterator[Callable[[], list[str]]]:
-    """Record every hop to a thread made on the running loop (``run_in_executor``)."""
-    loop = asyncio.get_event_loop()
-    hops: list[str] = []
-    original = loop.run_in_executor
-
-    def run_in_executor(executor: Any, func: Any, *args: Any) -> Any:
-        hops.append(getattr(func, "__qualname__", repr(func)))
-        return original(executor, func, *args)
-
-    loop.run_in_executor = run_in_executor  # type: ignore[method-assign]
-    try:
-        yield lambda: list(hops)
-    finally:
-        del loop.run_in_executor
 
 
 async def test_async_view_reading_and_writing_makes_no_thread_hop(hop_probe, thread_probe):
@@ -271,3 +253,29 @@ async def test_session_middleware_saves_on_the_loop_when_listed(hop_probe, threa
     assert hop_probe()[before:] == []
     assert thread_probe() == {threading.get_ident()}  # the session was saved on the loop
     assert await Session.objects.acount() == 2
+
+
+async def test_served_from_inside_async_to_sync_the_outer_thread_is_cleaned_too():
+    """As with Django: the outer sync thread runs the request's sync receivers and housekeeping."""
+    from asgiref.sync import async_to_sync, sync_to_async
+    from django.db import connections
+
+    app = ASGIHandler()
+    seen: list[int] = []
+
+    def receiver(sender: Any, **kwargs: Any) -> None:
+        seen.append(threading.get_ident())
+
+    def outer() -> tuple[int, int]:
+        wrapper = connections["default"]  # this thread's own (sync) wrapper
+        wrapper.queries_log.append({"sql": "SELECT 1", "time": "0.000"})
+        async_to_sync(request)(app, "/read-write/")
+        return threading.get_ident(), len(wrapper.queries_log)
+
+    request_started.connect(receiver)
+    try:
+        thread, logged = await sync_to_async(outer)()
+    finally:
+        request_started.disconnect(receiver)
+    assert seen == [thread]
+    assert logged == 0  # reset_queries ran there too

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import AsyncIterator
 
 from django.db import connection, connections
 from django.db.models import BooleanField
 from django.db.models.expressions import RawSQL
-from django.http import HttpRequest, HttpResponse, JsonResponse
+from django.http import HttpRequest, HttpResponse, JsonResponse, StreamingHttpResponse
 from django.urls import path
 
 from tests.testapp.models import Author
@@ -55,7 +57,60 @@ async def session_write(request: HttpRequest) -> HttpResponse:
     return JsonResponse({"ok": True})
 
 
+async def wait(request: HttpRequest) -> HttpResponse:
+    """Query, then wait for ``SEEN["release"]`` (an event the test sets), noting a cancellation.
+
+    With ``?swallow=1`` the view answers even when cancelled.
+    """
+    await Author.objects.filter(pk=0).aexists()  # the request's task now holds a connection
+    SEEN["view_task"] = asyncio.current_task()
+    started = SEEN["started"]
+    release = SEEN["release"]
+    assert isinstance(started, asyncio.Event)
+    assert isinstance(release, asyncio.Event)
+    started.set()
+    try:
+        await release.wait()
+    except asyncio.CancelledError:
+        SEEN["view_cancelled"] = True
+        if request.GET.get("swallow"):
+            return JsonResponse({"swallowed": True})
+        raise
+    return JsonResponse({"released": True})
+
+
+async def stream(request: HttpRequest) -> HttpResponse:
+    """Stream two chunks (an ORM query between), waiting for ``SEEN["release"]`` in between."""
+    started = SEEN["started"]
+    release = SEEN["release"]
+    assert isinstance(started, asyncio.Event)
+    assert isinstance(release, asyncio.Event)
+
+    async def chunks() -> AsyncIterator[bytes]:
+        try:
+            yield b"first\n"
+            started.set()
+            await release.wait()
+            count = await Author.objects.acount()
+            yield f"last {count}\n".encode()
+        except asyncio.CancelledError:
+            SEEN["stream_cancelled"] = True
+            raise
+        finally:
+            SEEN["stream_closed"] = True
+
+    return StreamingHttpResponse(chunks())
+
+
+async def fail(request: HttpRequest) -> HttpResponse:
+    """Raise: Django turns it into a 500 response."""
+    raise RuntimeError("the view failed")
+
+
 urlpatterns = [
+    path("wait/", wait),
+    path("stream/", stream),
+    path("fail/", fail),
     path("session/", session_write),
     path("read-write/", read_write),
     path("queries-log/", queries_log),
