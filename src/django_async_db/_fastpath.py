@@ -178,7 +178,8 @@ def compiled_sql_cache_info() -> CacheInfo:
     """Return the compiled SQL cache's hit, miss and bypass counts and its size.
 
     ``bypassed`` counts calls that took Django's path because their shape is
-    not cacheable. Example::
+    not cacheable. Reads and writes (``acreate()``, ``asave()``, ``aupdate()``)
+    are counted together; ``max_size`` bounds each. Example::
 
         from django_async_db import compiled_sql_cache_info
 
