@@ -19,7 +19,8 @@ the bridge and for aliases on this ENGINE, from the second call of a shape on:
   without ``update_fields``): the values ``_save_table()`` computed go through
   ``get_db_prep_save()``, the primary key through Django's ``Exact`` lookup,
   and the cached UPDATE runs; the result is what Django's returns (a row count
-  turned into ``[()] * count`` on Django 6.1, a boolean on 5.2).
+  turned into ``[()] * count`` on Django 6.1, a boolean on 5.2). Which values
+  are None is part of the shape (Django 5.2 writes ``"col" = NULL``).
 
 and ``filter(**lookups).aupdate(**values)`` on a deferred filter (see
 :mod:`._fastpath`): values of plain types, the filter's lookups rebuilt by
@@ -404,7 +405,15 @@ def _do_update(
     ):
         _bypassed += 1
         return stock()
-    key = ("save", type(base_qs), model, using, type(pk_val), *[id(f) for f, _, _ in values])
+    # None is in the key: Django 5.2 writes "col" = NULL into the SQL text.
+    key = (
+        "save",
+        type(base_qs),
+        model,
+        using,
+        type(pk_val),
+        *[(id(f), v is None) for f, _, v in values],
+    )
     try:
         entry = _cache[key]
     except KeyError:
