@@ -1,4 +1,4 @@
-"""Count CPU instructions per primary-key lookup with valgrind's callgrind.
+"""Count CPU instructions per ORM call (lookups, writes) with valgrind's callgrind.
 
 Usage (PostgreSQL from DATABASE_URL; ./dev bench-instructions does the setup)::
 
@@ -42,8 +42,10 @@ CONTENDERS = {
     "django_sync_filter_count": "plain sync Django filter(pk=...).count() (stock backend)",
     "ours_filter_acount": "django-async-db: await filter(pk=...).acount() (repeated shape)",
     "ours_filter_acount_no_cache": "django-async-db: await filter(pk=...).acount(), cache off",
+    "raw_psycopg_insert_async": "raw psycopg AsyncConnection: INSERT ... RETURNING id",
     "django_sync_create": "plain sync Django create(name=..., bio=...) (stock backend)",
-    "ours_acreate": "django-async-db: await acreate(name=..., bio=...)",
+    "ours_acreate": "django-async-db: await acreate(name=..., bio=...) (repeated shape)",
+    "ours_acreate_no_cache": "django-async-db: await acreate(name=..., bio=...), cache off",
     # W2/W3 shapes: 20 books from a start id, without and with their authors.
     "raw_psycopg_async_w2": "raw psycopg AsyncConnection: W2's SQL, 20 rows as tuples",
     "django_sync_w2": "plain sync Django: list(filter(id__gte).order_by('id')[:20])",
@@ -53,6 +55,13 @@ CONTENDERS = {
     "django_sync_w3": "plain sync Django: W3 (select_related('author'), 20 books)",
     "ours_w3": "django-async-db: W3, async for (repeated shape)",
     "ours_w3_no_cache": "django-async-db: W3, OPTIONS['compiled_sql_cache'] = False",
+    "raw_psycopg_update_async": "raw psycopg AsyncConnection: UPDATE ... WHERE id = %s",
+    "django_sync_save": "plain sync Django save() of a loaded row (stock backend)",
+    "ours_asave": "django-async-db: await asave() of a loaded row (repeated shape)",
+    "ours_asave_no_cache": "django-async-db: await asave() of a loaded row, cache off",
+    "django_sync_update": "plain sync Django filter(pk=...).update(name=...) (stock backend)",
+    "ours_aupdate": "django-async-db: await filter(pk=...).aupdate(name=...) (repeated shape)",
+    "ours_aupdate_no_cache": "django-async-db: await filter(pk=...).aupdate(name=...), cache off",
     # One request per lookup: a connection checked out of the pool and given back each time.
     "django_sync_pool_request": "plain sync Django get() + close_old_connections(), Django's pool",
     "ours_aget_task": "django-async-db: await aget() in a new task (pool checkout + release)",
@@ -145,6 +154,26 @@ def run(mode: str, n: int) -> None:
                     "SELECT id, name, bio FROM bench_app_author WHERE id = %s", [pk]
                 ).fetchone()
         return
+    if mode in ("raw_psycopg_insert_async", "raw_psycopg_update_async"):
+        import psycopg
+
+        insert = mode == "raw_psycopg_insert_async"
+        sql = (
+            "INSERT INTO bench_app_author (name, bio) VALUES (%s, %s) RETURNING id"
+            if insert
+            else "UPDATE bench_app_author SET name = %s WHERE id = %s"
+        )
+        params = ["new", ""] if insert else ["new", pk]
+
+        async def raw_write() -> None:
+            async with await psycopg.AsyncConnection.connect(_conninfo(), autocommit=True) as conn:
+                for _ in range(WARMUP + n):
+                    cur = await conn.execute(sql, params)
+                    if insert:
+                        await cur.fetchone()
+
+        asyncio.run(raw_write())
+        return
     if mode == "raw_psycopg_async":
         import psycopg
 
@@ -197,6 +226,15 @@ def run(mode: str, n: int) -> None:
         for _ in range(WARMUP + n):
             author.objects.create(name="new", bio="")
         return
+    if mode == "django_sync_save":
+        row = author.objects.get(pk=pk)
+        for _ in range(WARMUP + n):
+            row.save()
+        return
+    if mode == "django_sync_update":
+        for _ in range(WARMUP + n):
+            author.objects.filter(pk=pk).update(name="new")
+        return
 
     async def main() -> None:
         if mode == "ours_run_sync":
@@ -239,11 +277,24 @@ def run(mode: str, n: int) -> None:
                     qs = book.objects.select_related("author").filter(id__gte=pk).order_by("id")
                     assert len([b.author.name async for b in qs[:20]]) == 20
             await async_connections.close_all()
-        elif mode == "ours_acreate":
+        elif mode.startswith("ours_acreate"):
             from django_async_db import async_connections
 
             for _ in range(WARMUP + n):
                 await author.objects.acreate(name="new", bio="")
+            await async_connections.close_all()
+        elif mode.startswith("ours_asave"):
+            from django_async_db import async_connections
+
+            row = await author.objects.aget(pk=pk)
+            for _ in range(WARMUP + n):
+                await row.asave()
+            await async_connections.close_all()
+        elif mode.startswith("ours_aupdate"):
+            from django_async_db import async_connections
+
+            for _ in range(WARMUP + n):
+                await author.objects.filter(pk=pk).aupdate(name="new")
             await async_connections.close_all()
         else:  # ours_aget, ours_aget_no_cache, django_aget
             for _ in range(WARMUP + n):
@@ -338,7 +389,7 @@ def main() -> None:
         os.environ["BENCH_DB"] = "postgres"
         _drop_db(name)
     base = per_op.get(BASELINE)
-    print("| contender | k instructions per get(pk) | vs plain sync Django |")
+    print("| contender | k instructions per call | vs plain sync Django get() |")
     print("|---|---:|---:|")
     for mode, cost in per_op.items():
         ratio = f"{cost / base:.2f}" if base else "n/a"

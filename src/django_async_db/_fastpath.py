@@ -178,18 +178,35 @@ _pristine: dict[type[Model], tuple[dict[str, Any], dict[str, Any]]] = {}
 _learnt: dict[Hashable, Any] = {}
 
 
+# Other compiled SQL caches (the write shapes of ``_fastwrite``): their counters
+# (hits, misses, bypassed, size) are added to this one's, and they are emptied
+# with it.
+_companions: list[tuple[Callable[[], tuple[int, int, int, int]], Callable[[], None]]] = []
+
+
+def register_companion(
+    info: Callable[[], tuple[int, int, int, int]], clear: Callable[[], None]
+) -> None:
+    """Count another cache's entries in :func:`compiled_sql_cache_info`; clear it with this one."""
+    _companions.append((info, clear))
+
+
 def compiled_sql_cache_info() -> CacheInfo:
     """Return the compiled SQL cache's hit, miss and bypass counts and its size.
 
     ``bypassed`` counts calls that took Django's path because their shape is
-    not cacheable. Example::
+    not cacheable. Reads and writes (``acreate()``, ``asave()``, ``aupdate()``)
+    are counted together; ``max_size`` bounds each. Example::
 
         from django_async_db import compiled_sql_cache_info
 
         info = compiled_sql_cache_info()
         hit_rate = info.hits / max(info.hits + info.misses, 1)
     """
-    return CacheInfo(_hits, _misses, _bypassed, len(_cache), MAX_ENTRIES)
+    counts = [_hits, _misses, _bypassed, len(_cache)]
+    for info, _ in _companions:
+        counts = [a + b for a, b in zip(counts, info(), strict=True)]
+    return CacheInfo(counts[0], counts[1], counts[2], counts[3], MAX_ENTRIES)
 
 
 def clear_compiled_sql_cache() -> None:
@@ -212,6 +229,8 @@ def clear_compiled_sql_cache() -> None:
         _pristine.clear()
         _learnt.clear()
         _hits = _misses = _bypassed = 0
+    for _, clear in _companions:
+        clear()
 
 
 def _on_setting_changed(**kwargs: Any) -> None:

@@ -466,6 +466,9 @@ def install() -> None:
     from . import _fastpath
 
     _fastpath.install()  # reuse compiled SQL for repeated aget() shapes
+    from . import _fastwrite
+
+    _fastwrite.install()  # ... and for repeated acreate()/asave()/aupdate() shapes
     # aauthenticate() runs ModelBackend.authenticate() in the bridge: keep the
     # password hashing it does (hundreds of ms of CPU) off the event loop.
     if apps.is_installed("django.contrib.auth"):
