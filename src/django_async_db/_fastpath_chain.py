@@ -55,6 +55,7 @@ def _chain_to_extend(qs: QuerySet[Any]) -> _Chain | None:
         return chain if qs._result_cache is None else None  # type: ignore[attr-defined]
     if (
         chain is None
+        and qs._result_cache is None  # type: ignore[attr-defined]  # slicing reads it
         and getattr(qs, "_cloning_enabled", True)
         and fp._is_pristine(qs)
         and fp._alias_allowed(qs.db)

@@ -49,6 +49,7 @@ async def make_library() -> dict[str, Any]:
         )
     chapter = await Chapter.objects.acreate(title="loose", book=None)
     await ChapterNote.objects.acreate(chapter=chapter, text="c")
+    clear_compiled_sql_cache()  # the writes above filled its write side: count reads only
     return data
 
 
@@ -419,3 +420,22 @@ async def test_nothing_is_recorded_in_sync_code_or_when_opted_out(
 
 def test_typed_helper_is_shared() -> None:
     assert typed(1) == (int, 1)
+
+
+async def test_an_evaluated_queryset_is_not_recorded_on() -> None:
+    """Calls on an evaluated queryset behave as Django's: nothing of its results leaks."""
+    await make_library()
+    qs = Author.objects.all()
+    everyone = [a async for a in qs]
+    assert len({a.name for a in everyone}) > 1
+    anns = [a async for a in qs.filter(name="Ann")]
+    assert anns
+    assert {a.name for a in anns} == {"Ann"}
+    ordered = [a async for a in qs.order_by("-name")]
+    assert [a.name for a in ordered] == sorted((a.name for a in everyone), reverse=True)
+    # Django slices an evaluated queryset's results: a list, no query.
+    with statements("default") as seen:
+        first_two = qs[:2]
+    assert isinstance(first_two, list)
+    assert first_two == everyone[:2]
+    assert seen == []
