@@ -236,7 +236,7 @@ def summarize(raw: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str,
     out: dict[tuple[str, int, str], dict[str, Any]] = {}
     for (w, c, name), runs in cells.items():
         ratios: dict[str, float | None] = {}
-        for ref in (BASE, "sync_threads"):
+        for ref in (BASE, "sync_threads", "raw_psycopg"):
             per_round = []
             for run in runs:
                 other = by_round.get((w, c, ref, run["round"]))
@@ -261,6 +261,7 @@ def summarize(raw: list[dict[str, Any]]) -> dict[tuple[str, int, str], dict[str,
             "maxrss_kb": max((r.get("maxrss_kb", 0) for r in runs), default=0),
             "vs_base": ratios[BASE],
             "vs_sync": ratios["sync_threads"],
+            "vs_raw": ratios["raw_psycopg"],
         }
     return out
 
@@ -439,6 +440,19 @@ def write_report(
                 f"({fmt(ours.get('ops_per_s'))} vs "
                 f"{fmt(summary.get((w, 64, 'sync_threads'), {}).get('ops_per_s'))} ops/s) | "
                 f"{'yes' if ratio and ratio > 1 else 'no'} |"
+            )
+    if "ours" in contenders and "raw_psycopg" in contenders and 64 in concurrency:
+        # Issue #8: the share of the raw psycopg floor (same SQL, rows as tuples).
+        for w, floor in (("W1", 0.6), ("W2", 0.5), ("W3", 0.5)):
+            if w not in workloads:
+                continue
+            ours = summary.get((w, 64, "ours"), {})
+            ratio = ours.get("vs_raw")
+            add(
+                f"| {w} at C=64: ≥ {floor}x the raw psycopg floor | {fmt(ratio, '.2f', 'x')} "
+                f"({fmt(ours.get('ops_per_s'))} vs "
+                f"{fmt(summary.get((w, 64, 'raw_psycopg'), {}).get('ops_per_s'))} ops/s) | "
+                f"{'yes' if ratio and ratio >= floor else 'no'} |"
             )
     if "ours" in contenders:
         per_c = {
