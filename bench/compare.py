@@ -526,6 +526,12 @@ def write_report(
             add(f"- {w} C={c} `{n}`: `{message}`")
         add("")
     text = "\n".join(lines)
+    # Keep the HTTP section bench/http_bench.py writes between its markers.
+    start, end = "<!-- http-bench:start -->", "<!-- http-bench:end -->"
+    old = path.read_text() if path.exists() else ""
+    if start in old and end in old:
+        kept = old[old.index(start) : old.index(end) + len(end)]
+        text = text.rstrip("\n") + "\n\n" + kept + "\n"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
     return text
