@@ -13,6 +13,7 @@ import contextlib
 import logging
 import weakref
 from collections.abc import Callable
+from time import monotonic
 from typing import TYPE_CHECKING, Any
 
 import psycopg_pool
@@ -264,13 +265,33 @@ class AsyncPool:
         get this one), nor when the pool checks connections on checkout.
         """
         pool = self._pool
-        if not self._can_park or self.closed or pool is None or pool._waiting:
+        if (
+            not self._can_park
+            or self.closed
+            or pool is None
+            or pool._waiting
+            or self._worn_out(wrapper.connection)
+        ):
             return False
         self._parked.append((wrapper, self._loop.time(), _generation))  # type: ignore[union-attr]
         self.checked_out -= 1
         if self._flush_handle is None:
             self._flush_handle = self._loop.call_later(PARK_SECONDS, self._flush)  # type: ignore[union-attr]
         return True
+
+    def _worn_out(self, view: BridgeConnection) -> bool:
+        """Return True if psycopg_pool would discard this connection on its return.
+
+        Past its ``max_lifetime`` or made before a ``drain()``: the test
+        psycopg_pool applies when a connection comes back, which a connection
+        passed from task to task would otherwise never meet.
+        """
+        conn: Any = view.pooled  # type: ignore[attr-defined]
+        expire_at = getattr(conn, "_expire_at", None)
+        if expire_at is None:
+            return False
+        drained_at = getattr(self._pool, "_drained_at", 0.0)
+        return expire_at <= monotonic() or conn._created_at <= drained_at  # type: ignore[no-any-return]
 
     def spare(self, wrapper: DatabaseWrapper) -> None:
         """Keep a finished task's clean wrapper that holds no connection for reuse."""
@@ -282,7 +303,11 @@ class AsyncPool:
         parked = self._parked
         while parked:
             wrapper, _, generation = parked.pop()
-            if generation == _generation and not wrapper.connection.closed:
+            if (
+                generation == _generation
+                and not wrapper.connection.closed
+                and not self._worn_out(wrapper.connection)
+            ):
                 return wrapper
             self._give_back([wrapper.connection])
             wrapper.connection = None
