@@ -20,9 +20,9 @@ class Response:
         return json.loads(self.body)
 
 
-async def request(app: Any, path: str, method: str = "GET", query: str = "") -> Response:
-    """Send one request to ``app`` as an ASGI server would (a new task per request)."""
-    scope = {
+def http_scope(path: str, method: str = "GET", query: str = "") -> dict[str, Any]:
+    """Return the HTTP scope an ASGI server gives the application for one request."""
+    return {
         "type": "http",
         "asgi": {"version": "3.0"},
         "http_version": "1.1",
@@ -36,6 +36,11 @@ async def request(app: Any, path: str, method: str = "GET", query: str = "") -> 
         "client": ("127.0.0.1", 40000),
         "server": ("testserver", 80),
     }
+
+
+async def request(app: Any, path: str, method: str = "GET", query: str = "") -> Response:
+    """Send one request to ``app`` as an ASGI server would (a new task per request)."""
+    scope = http_scope(path, method, query)
     messages: list[dict[str, Any]] = []
     received = False
 
@@ -67,20 +72,7 @@ class Exchange:
 
     def __init__(self, app: Any, path: str, query: str = "") -> None:
         self.app = app
-        self.scope = {
-            "type": "http",
-            "asgi": {"version": "3.0"},
-            "http_version": "1.1",
-            "method": "GET",
-            "scheme": "http",
-            "path": path,
-            "raw_path": path.encode(),
-            "query_string": query.encode(),
-            "root_path": "",
-            "headers": [(b"host", b"testserver")],
-            "client": ("127.0.0.1", 40000),
-            "server": ("testserver", 80),
-        }
+        self.scope = http_scope(path, query=query)
         self.messages: list[dict[str, Any]] = []
         self.inbox: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         self.inbox.put_nowait({"type": "http.request", "body": b"", "more_body": False})

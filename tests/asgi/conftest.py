@@ -7,6 +7,9 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from django.test import override_settings
+
+from tests.asgi.urls import SEEN
 
 
 @pytest.fixture
@@ -25,3 +28,17 @@ def hop_probe() -> Iterator[Callable[[], list[str]]]:
         yield lambda: list(hops)
     finally:
         del loop.run_in_executor
+
+
+@pytest.fixture
+def asgi_urls() -> Iterator[None]:
+    """Serve ``tests.asgi.urls`` with no middleware; ``SEEN`` starts empty but for two events.
+
+    ``SEEN["started"]`` is set by the views that wait, ``SEEN["release"]`` lets them go on.
+    """
+    with override_settings(ROOT_URLCONF="tests.asgi.urls", MIDDLEWARE=[]):
+        SEEN.clear()
+        SEEN["started"] = asyncio.Event()
+        SEEN["release"] = asyncio.Event()
+        yield
+    SEEN.clear()

@@ -13,7 +13,6 @@ import django
 import pytest
 from django.core.handlers.asgi import ASGIHandler as DjangoASGIHandler
 from django.core.signals import request_finished
-from django.test import override_settings
 
 from django_async_db import pool_stats
 from django_async_db.asgi import ASGIHandler
@@ -26,16 +25,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True, available_apps=APPS),
     pytest.mark.usefixtures("asgi_urls"),
 ]
-
-
-@pytest.fixture
-def asgi_urls() -> Iterator[None]:
-    with override_settings(ROOT_URLCONF="tests.asgi.urls", MIDDLEWARE=[]):
-        SEEN.clear()
-        SEEN["started"] = asyncio.Event()
-        SEEN["release"] = asyncio.Event()
-        yield
-    SEEN.clear()
 
 
 @pytest.fixture

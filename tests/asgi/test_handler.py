@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -23,14 +22,6 @@ pytestmark = [
     pytest.mark.django_db(transaction=True, available_apps=APPS),
     pytest.mark.usefixtures("asgi_urls"),
 ]
-
-
-@pytest.fixture
-def asgi_urls() -> Iterator[None]:
-    with override_settings(ROOT_URLCONF="tests.asgi.urls", MIDDLEWARE=[]):
-        SEEN.clear()
-        yield
-    SEEN.clear()
 
 
 async def test_async_view_reading_and_writing_makes_no_thread_hop(hop_probe, thread_probe):
