@@ -55,6 +55,7 @@ import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -422,38 +423,39 @@ def write_report(
     add("")
     add("| target | measured | met |")
     add("|---|---|---|")
+
+    def ratio_target(
+        w: str, label: str, key: str, other: str, met: Callable[[float], bool]
+    ) -> None:
+        """Add the row of a target on ours ÷ ``other`` (``key``) for workload ``w`` at C=64."""
+        ours = summary.get((w, 64, "ours"), {})
+        ratio = ours.get(key)
+        add(
+            f"| {w} at C=64: {label} | {fmt(ratio, '.2f', 'x')} "
+            f"({fmt(ours.get('ops_per_s'))} vs "
+            f"{fmt(summary.get((w, 64, other), {}).get('ops_per_s'))} ops/s) | "
+            f"{'yes' if ratio and met(ratio) else 'no'} |"
+        )
+
     for w in ("W1", "W5"):
         if w not in workloads or 64 not in concurrency or not has_ratio:
             continue
-        ours = summary.get((w, 64, "ours"), {})
-        ratio = ours.get("vs_base")
-        add(
-            f"| {w} at C=64: ≥ 2.5x stock async+pool | {fmt(ratio, '.2f', 'x')} "
-            f"({fmt(ours.get('ops_per_s'))} vs "
-            f"{fmt(summary.get((w, 64, BASE), {}).get('ops_per_s'))} ops/s) | "
-            f"{'yes' if ratio and ratio >= 2.5 else 'no'} |"
-        )
+        ratio_target(w, "≥ 2.5x stock async+pool", "vs_base", BASE, lambda r: r >= 2.5)
         if has_sync:
-            ratio = ours.get("vs_sync")
-            add(
-                f"| {w} at C=64: ahead of sync ORM in 64 threads | {fmt(ratio, '.2f', 'x')} "
-                f"({fmt(ours.get('ops_per_s'))} vs "
-                f"{fmt(summary.get((w, 64, 'sync_threads'), {}).get('ops_per_s'))} ops/s) | "
-                f"{'yes' if ratio and ratio > 1 else 'no'} |"
+            ratio_target(
+                w, "ahead of sync ORM in 64 threads", "vs_sync", "sync_threads", lambda r: r > 1
             )
     if "ours" in contenders and "raw_psycopg" in contenders and 64 in concurrency:
         # Issue #8: the share of the raw psycopg floor (same SQL, rows as tuples).
         for w, floor in (("W1", 0.6), ("W2", 0.5), ("W3", 0.5)):
-            if w not in workloads:
-                continue
-            ours = summary.get((w, 64, "ours"), {})
-            ratio = ours.get("vs_raw")
-            add(
-                f"| {w} at C=64: ≥ {floor}x the raw psycopg floor | {fmt(ratio, '.2f', 'x')} "
-                f"({fmt(ours.get('ops_per_s'))} vs "
-                f"{fmt(summary.get((w, 64, 'raw_psycopg'), {}).get('ops_per_s'))} ops/s) | "
-                f"{'yes' if ratio and ratio >= floor else 'no'} |"
-            )
+            if w in workloads:
+                ratio_target(
+                    w,
+                    f"≥ {floor}x the raw psycopg floor",
+                    "vs_raw",
+                    "raw_psycopg",
+                    lambda r, floor=floor: r >= floor,
+                )
     if "ours" in contenders:
         per_c = {
             c: max(summary.get((w, c, "ours"), {}).get("threads_max", 0) for w in workloads)
