@@ -35,6 +35,7 @@ from django_async_db import (
     compiled_sql_cache_info,
     run_sync,
 )
+from tests.fastpath.test_harness import typed
 from tests.testapp.models import Author, Book, Chapter, Event, Gadget, Tag
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -64,10 +65,6 @@ def django_path() -> Iterator[None]:
         yield
     finally:
         Model._do_insert, Model._do_update, QuerySet.aupdate = saved  # type: ignore[attr-defined]
-
-
-def typed(param: Any) -> tuple[type, Any]:
-    return (type(param), getattr(param, "obj", param))
 
 
 def snapshot(obj: Any, *, pk: bool = True) -> Any:
