@@ -554,12 +554,21 @@ class _UseDjango(Exception):
     """Raised by a hit whose values change the SQL: this call takes Django's path."""
 
 
-def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
-    """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
-    connection = connections[alias]
-    params = list(entry.prefix)
+def _lookup_params(
+    lookups: list[tuple[Callable[..., Any], Any] | None],
+    order: tuple[int, ...],
+    values: tuple[Any, ...],
+    connection: Any,
+) -> list[Any]:
+    """Rebuild a cached WHERE clause's parameters for ``values`` with Django's lookup classes.
+
+    ``lookups[i]`` is the class and column of WHERE child ``i`` (None: a boolean
+    compiled into the SQL text), ``order[i]`` the position of its value.
+    Raises :class:`_UseDjango` when a value compiles to other SQL.
+    """
+    params: list[Any] = []
     try:
-        for lookup, position in zip(entry.lookups, entry.order, strict=True):
+        for lookup, position in zip(lookups, order, strict=True):
             if lookup is not None:
                 lookup_class, lhs = lookup
                 rhs_sql, rhs = lookup_class(lhs, values[position]).process_rhs(None, connection)
@@ -570,6 +579,13 @@ def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False
         # An integer out of the column's range: Django compiles no WHERE
         # clause (or runs no query) for it.
         raise _UseDjango from None
+    return params
+
+
+def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
+    """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
+    connection = connections[alias]
+    params = [*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, connection)]
     cursor = connection.cursor()
     try:
         cursor.execute(entry.sql, tuple(params))

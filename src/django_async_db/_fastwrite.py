@@ -49,7 +49,6 @@ from decimal import Decimal
 from typing import Any
 from uuid import UUID
 
-from django.core.exceptions import EmptyResultSet, FullResultSet
 from django.db import connections, transaction
 from django.db.backends.base.operations import BaseDatabaseOperations
 from django.db.models import Manager, Model
@@ -61,7 +60,15 @@ from django.db.models.sql.where import AND
 
 from . import _fastpath
 from ._bridge import in_bridge, run_sync
-from ._fastpath import _alias_allowed, _deferred_kwargs, _is_pristine, _same_params
+from ._fastpath import (
+    _alias_allowed,
+    _deferred_kwargs,
+    _is_pristine,
+    _lookup_params,
+    _same_params,
+    _UseDjango,
+    _value_sig,
+)
 
 __all__ = ["install"]
 
@@ -141,10 +148,6 @@ def _store(key: Hashable, entry: _Insert | _Update | None) -> None:
         _cache[key] = entry
         while len(_cache) > _fastpath.MAX_ENTRIES:
             _cache.popitem(last=False)
-
-
-class _UseDjango(Exception):
-    """A value of this call changes the SQL: Django's path takes over."""
 
 
 def _plain_value(value: Any) -> bool:
@@ -432,7 +435,7 @@ def _do_update(
     connection = connections[using]
     try:
         # Django's order: the pk lookup (filter()), then the values (as_sql()).
-        where = _where_params(entry, (pk_val,), connection)
+        where = _lookup_params(entry.lookups, entry.order, (pk_val,), connection)
         params = [_prepared(field, value, connection) for field, _, value in values]
     except _UseDjango:
         _bypassed += 1
@@ -505,30 +508,14 @@ def _compile_update(
         lookups.append((type(child), child.lhs))
     entry = _Update(query.model, sql, list(fields), lookups, order)
     try:
-        rebuilt = prepared + _where_params(entry, tuple(filters.values()), connection)
+        rebuilt = prepared + _lookup_params(
+            entry.lookups, entry.order, tuple(filters.values()), connection
+        )
     except _UseDjango:
         return None
     if not _same_params(rebuilt, list(params)):
         return None
     return entry
-
-
-def _where_params(entry: _Update, values: tuple[Any, ...], connection: Any) -> list[Any]:
-    """Rebuild the WHERE clause's parameters with Django's lookup classes."""
-    params: list[Any] = []
-    try:
-        for lookup, position in zip(entry.lookups, entry.order, strict=True):
-            if lookup is not None:
-                lookup_class, lhs = lookup
-                rhs_sql, rhs_params = lookup_class(lhs, values[position]).process_rhs(
-                    None, connection
-                )
-                if rhs_sql != "%s" or len(rhs_params) != 1:
-                    raise _UseDjango
-                params.extend(rhs_params)
-    except (EmptyResultSet, FullResultSet):
-        raise _UseDjango from None  # an integer out of the column's range: no query
-    return params
 
 
 def _execute_row_count(connection: Any, sql: str, params: list[Any]) -> int:
@@ -551,16 +538,10 @@ def _execute_row_count(connection: Any, sql: str, params: list[Any]) -> int:
 def _aupdate_key(
     qs: QuerySet[Any], alias: str, filters: dict[str, Any], values: dict[str, Any]
 ) -> Hashable | None:
-    parts: list[Any] = ["aupdate", type(qs), qs.model, alias]
-    for name, value in filters.items():
-        kind = type(value)
-        if kind is bool:
-            parts.append((name, value))
-        elif kind in _PLAIN_FILTER:
-            parts.append((name, kind))
-        else:
-            return None
-    parts.append(None)
+    filter_sig = _value_sig(filters)
+    if filter_sig is None:
+        return None
+    parts: list[Any] = ["aupdate", type(qs), qs.model, alias, *filter_sig, None]
     for name, value in values.items():
         kind = type(value)
         if kind not in _PLAIN:
@@ -606,7 +587,7 @@ def _hit_aupdate(
     """Run a cached ``update()`` shape (in the bridge), or Django's when a value calls for it."""
     connection = connections[alias]
     try:
-        where = _where_params(entry, tuple(filters.values()), connection)
+        where = _lookup_params(entry.lookups, entry.order, tuple(filters.values()), connection)
     except _UseDjango:
         return qs.update(**values)
     use_django = False
