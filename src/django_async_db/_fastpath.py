@@ -301,16 +301,6 @@ def _value_sig(kwargs: dict[str, Any]) -> tuple[Any, ...] | None:
     return tuple(parts)
 
 
-def _get_key(
-    qs: QuerySet[Any], alias: str, kwargs: dict[str, Any], operation: str = "get"
-) -> Hashable | None:
-    """Return the shape key of ``operation`` with ``kwargs`` on a pristine queryset."""
-    sig = _value_sig(kwargs)
-    if sig is None:
-        return None
-    return (operation, type(qs), qs.model, alias, getattr(qs, "_fetch_mode", None), (), sig)
-
-
 def _lookup_target(model: type[Model], name: str) -> tuple[Any, str] | None:
     """Return (field, lookup name) of a keyword lookup on a field of ``model`` itself."""
     field_name, _, lookup = name.partition("__")
@@ -326,15 +316,6 @@ def _lookup_target(model: type[Model], name: str) -> tuple[Any, str] | None:
     if not getattr(field, "concrete", False) or field.many_to_many:
         return None
     return field, lookup
-
-
-def _plain_names(names: list[str]) -> bool:
-    """Return True if every lookup is a value lookup on a field name (no relation path)."""
-    for name in names:
-        _, _, lookup = name.partition("__")
-        if lookup and lookup not in _VALUE_LOOKUPS:
-            return False
-    return True
 
 
 def _where_lookups(
