@@ -118,13 +118,10 @@ class TaskLocal:
         return self._pins.get(name)
 
     def __getattr__(self, name: str) -> Any:
-        ns, in_task = self._namespace(create=False)
-        try:
-            return getattr(ns, name)
-        except AttributeError:
-            if in_task and (pinned := self._pins.get(name)) is not None:
-                return pinned
-            raise AttributeError(name) from None
+        wrapper = self.lookup(name)
+        if wrapper is None:
+            raise AttributeError(name)
+        return wrapper
 
     def __setattr__(self, name: str, value: Any) -> None:
         setattr(self._namespace(create=True)[0], name, value)
