@@ -151,6 +151,73 @@ async def test_cancellation_reaches_the_sync_code_and_propagates():
     assert cleanup == ["cancelled", "finally"]
 
 
+async def test_bridge_greenlets_are_reused_after_results_errors_and_cancellations():
+    from greenlet import getcurrent
+
+    def me() -> object:
+        return getcurrent()
+
+    first = await run_sync(me)
+    assert await run_sync(me) is first  # a call's greenlet serves the next call
+
+    def fail() -> None:
+        raise Boom("again")
+
+    with pytest.raises(Boom) as info:
+        await run_sync(fail)
+    # The traceback starts at the caller's code: no frame of the bridge's loop.
+    frames = [entry.name for entry in info.traceback]
+    assert "_serve" not in frames
+    assert frames[-1] == "fail"
+    assert await run_sync(me) is first
+
+    def sleep_then_return() -> object:
+        await_only(asyncio.sleep(10))
+        return getcurrent()
+
+    task = asyncio.create_task(run_sync(sleep_then_return))
+    await asyncio.sleep(0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert await run_sync(me) is first
+
+    # Concurrent calls each get their own greenlet; both are kept afterwards.
+    def hold() -> object:
+        await_only(asyncio.sleep(0.01))
+        return getcurrent()
+
+    a, b = await asyncio.gather(run_sync(hold), run_sync(hold))
+    assert a is not b
+    assert {await run_sync(me), await run_sync(me)} <= {first, a, b}
+
+
+async def test_an_idle_bridge_greenlet_keeps_no_context_or_result_alive():
+    import gc
+    import weakref
+
+    from greenlet import getcurrent
+
+    class Result:
+        pass
+
+    seen: list[object] = []
+
+    def make() -> Result:
+        seen.append(getcurrent())
+        return Result()
+
+    token = request_id.set("held")
+    try:
+        ref = weakref.ref(await run_sync(make))
+    finally:
+        request_id.reset(token)
+    glet = seen.pop()
+    assert glet.gr_context is None  # type: ignore[attr-defined]
+    gc.collect()
+    assert ref() is None
+
+
 # Misuse: sync database access in async code outside the bridge
 
 
