@@ -48,9 +48,15 @@ from decimal import Decimal
 from typing import Any, NamedTuple
 from uuid import UUID
 
-from django.core.exceptions import EmptyResultSet, FieldDoesNotExist, FullResultSet
+from django.core.exceptions import (
+    EmptyResultSet,
+    FieldDoesNotExist,
+    FullResultSet,
+    SynchronousOnlyOperation,
+)
 from django.core.signals import setting_changed
 from django.db import connections
+from django.db.backends.postgresql import base as pg_base
 from django.db.models import Count, Model, signals
 from django.db.models.expressions import Col
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable, QuerySet
@@ -59,6 +65,7 @@ from django.db.models.sql.where import AND
 
 from ._bridge import run_sync
 from ._fastpath_rows import Plan, build_plan, rows_to_objects
+from .backends.postgresql._psycopg import BridgeConnection
 
 __all__ = ["CacheInfo", "clear_compiled_sql_cache", "compiled_sql_cache_info", "install"]
 
@@ -128,7 +135,7 @@ class CacheInfo(NamedTuple):
 class _Entry:
     """A compiled shape: SQL, lookups to rebuild parameters, row conversion."""
 
-    __slots__ = ("converters", "lookups", "model", "order", "plan", "prefix", "sql")
+    __slots__ = ("converters", "lookups", "model", "order", "plan", "prefix", "pure", "sql")
 
     def __init__(
         self,
@@ -147,6 +154,9 @@ class _Entry:
         self.order = order  # per WHERE child: the position of its value
         self.plan = plan  # how rows become instances (None: no instances)
         self.converters = converters
+        # Rows become the result without user code (no converter, no from_db()
+        # or __init__ of the models): the result can be made outside a bridge.
+        self.pure = not converters and (plan is None or plan.all_direct())
 
 
 class _Op(NamedTuple):
@@ -170,6 +180,8 @@ class _Chain(tuple[_Op, ...]):
 _cache: OrderedDict[Hashable, _Entry | None] = OrderedDict()
 _lock = threading.Lock()
 _hits = _misses = _bypassed = 0
+# Hits whose query ran in plain async code (see _hit): for tests.
+_direct_hits = 0
 # QuerySet subclass -> its methods involved are Django's
 _stock_classes: dict[type, bool] = {QuerySet: True}
 # model -> Query.__dict__ of a fresh query and of a chained (cloned) one
@@ -466,6 +478,7 @@ def _compile_count(base: QuerySet[Any], alias: str, groups: list[dict[str, Any]]
         if compiler.has_composite_fields(cols):
             return None
         entry.converters = list(compiler.get_converters(cols).items())
+        entry.pure = not entry.converters
     return entry
 
 
@@ -575,9 +588,8 @@ def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False
         cursor.close()
 
 
-def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
-    """Run a cached ``get()`` shape (in the bridge)."""
-    rows = _fetch(entry, alias, values)
+def _finish_get(entry: _Entry, alias: str, rows: Any, fetch_mode: Any) -> Any:
+    """``get()``'s result from its rows."""
     num = len(rows)
     model: Any = entry.model
     if num == 1:
@@ -592,9 +604,8 @@ def _hit_get(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any
     )
 
 
-def _hit_count(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
-    """Run a cached ``count()`` shape: one row, converted as ``get_aggregation()`` does."""
-    row = _fetch(entry, alias, values, one=True)
+def _finish_count(entry: _Entry, alias: str, row: Any, fetch_mode: Any) -> Any:
+    """``count()``'s result from its one row, converted as ``get_aggregation()`` does."""
     if row is None:  # pragma: no cover - COUNT(*) always returns a row
         return 0
     value = row[0]
@@ -606,25 +617,25 @@ def _hit_count(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: A
     return value
 
 
-def _hit_first(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> Any:
-    rows = _fetch(entry, alias, values)
+def _finish_first(entry: _Entry, alias: str, rows: Any, fetch_mode: Any) -> Any:
     return _rows_to_objects(entry, rows, alias, fetch_mode)[0] if rows else None
 
 
-def _hit_exists(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> bool:
-    return _fetch(entry, alias, values, one=True) is not None
+def _finish_exists(entry: _Entry, alias: str, row: Any, fetch_mode: Any) -> bool:
+    return row is not None
 
 
-def _hit_iter(entry: _Entry, alias: str, values: tuple[Any, ...], fetch_mode: Any) -> list[Any]:
-    return _rows_to_objects(entry, _fetch(entry, alias, values), alias, fetch_mode)
+def _finish_iter(entry: _Entry, alias: str, rows: Any, fetch_mode: Any) -> list[Any]:
+    return _rows_to_objects(entry, rows, alias, fetch_mode)
 
 
-_HITS: dict[str, Callable[[_Entry, str, tuple[Any, ...], Any], Any]] = {
-    "get": _hit_get,
-    "first": _hit_first,
-    "exists": _hit_exists,
-    "count": _hit_count,
-    "iter": _hit_iter,
+#: Per operation: how its result is made from the rows, and whether it reads one row.
+_FINISH: dict[str, tuple[Callable[[_Entry, str, Any, Any], Any], bool]] = {
+    "get": (_finish_get, False),
+    "first": (_finish_first, False),
+    "exists": (_finish_exists, True),
+    "count": (_finish_count, True),
+    "iter": (_finish_iter, False),
 }
 
 
@@ -665,10 +676,84 @@ def _run_hit(
     fetch_mode: Any,
 ) -> Any:
     """Run a cache hit (in the bridge), or Django's method when the values call for it."""
+    finish, one = _FINISH[operation]
     try:
-        return _HITS[operation](entry, alias, values, fetch_mode)
+        rows = _fetch(entry, alias, values, one)
     except _UseDjango:
         return _django_terminal(qs, operation, kwargs)
+    return finish(entry, alias, rows, fetch_mode)
+
+
+def _direct_ok(wrapper: Any) -> bool:
+    """Return True if Django's cursor layer would add nothing to a query on ``wrapper``.
+
+    A task-owned wrapper (not a test's pinned one) with no execute wrapper, no
+    query logging (``DEBUG``, ``assertNumQueries``...), no transaction marked
+    for rollback, no pending health check and connections held per task
+    (not ``OPTIONS["release"] = "idle"``).
+    """
+    return (
+        getattr(wrapper, "_loop", None) is not None
+        and not wrapper.release_idle
+        and not wrapper.execute_wrappers
+        and not wrapper.needs_rollback
+        and not wrapper.queries_logged
+        and (not wrapper.health_check_enabled or wrapper.health_check_done)
+    )
+
+
+async def _hit(
+    entry: _Entry,
+    alias: str,
+    qs: QuerySet[Any],
+    operation: str,
+    values: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    fetch_mode: Any,
+) -> Any:
+    """Run a cache hit, in plain async code when nothing in it needs Django's sync layers.
+
+    The direct road: the task's connection (if it has none yet:
+    ``DatabaseWrapper.aconnect()``, else Django's ``connect()`` in a bridge),
+    Django's own ``create_cursor()``, the query
+    awaited on the loop (:meth:`BridgeConnection.aexecute`), errors wrapped by
+    the wrapper's ``wrap_database_errors`` as ``CursorWrapper`` does, and the
+    rows made into the result here when that runs no user code. Anything else
+    (see :func:`_direct_ok`) runs the hit in a bridge, through Django's cursor.
+    """
+    wrapper: Any = connections[alias]
+    if not _direct_ok(wrapper):
+        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+    if wrapper.connection is None and not await wrapper.aconnect():
+        await run_sync(wrapper.ensure_connection)
+    view = wrapper.connection
+    if type(view) is not BridgeConnection:
+        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+    wrapper.validate_thread_sharing()
+    global _direct_hits
+    _direct_hits += 1
+    try:
+        params = (*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, wrapper))
+    except _UseDjango:
+        return await run_sync(_django_terminal, qs, operation, kwargs)
+    except SynchronousOnlyOperation:  # a field's value preparation needs the database
+        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+    finish, one = _FINISH[operation]
+    with wrapper.wrap_database_errors:
+        cursor = _create_cursor(wrapper)
+        try:
+            await view.aexecute(cursor, entry.sql, params)
+            rows = cursor.fetchone() if one else cursor.fetchall()
+        finally:
+            cursor.close()
+    if entry.pure and not (signals.pre_init.receivers or signals.post_init.receivers):
+        return finish(entry, alias, rows, fetch_mode)
+    return await run_sync(finish, entry, alias, rows, fetch_mode)
+
+
+#: Django's postgresql ``create_cursor()`` without its ``@async_unsafe`` guard
+#: (the direct road calls it in plain async code; it does no I/O).
+_create_cursor: Callable[[Any], Any] = pg_base.DatabaseWrapper.create_cursor.__wrapped__  # type: ignore[attr-defined]
 
 
 async def _run_cached(
@@ -704,9 +789,7 @@ async def _run_cached(
                 values = tuple(v for op in chain if op.kind == "filter" for v in op.args.values())
                 if kwargs:
                     values += tuple(kwargs.values())
-                return True, await run_sync(
-                    _run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode
-                )
+                return True, await _hit(entry, alias, qs, operation, values, kwargs, fetch_mode)
     _bypassed += 1
     return False, None
 

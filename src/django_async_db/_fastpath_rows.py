@@ -80,6 +80,10 @@ class Plan:
             if type(getattr(model, name, None)) is ForeignKeyDeferredAttribute
         )
 
+    def all_direct(self) -> bool:
+        """Return True if this model and every related one are built without ``from_db()``."""
+        return self.direct and all(plan.all_direct() for plan in self.related)
+
 
 def build_plan(klass_info: dict[str, Any], select: list[Any]) -> Plan | None:
     """Return the plan of a compiler's ``klass_info`` (and its related ones), or None.

@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import logging
 import weakref
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from time import monotonic
 from typing import TYPE_CHECKING, Any
 
@@ -356,10 +356,8 @@ class AsyncPool:
         self._give_back([view])
 
     def _give_back(self, views: list[BridgeConnection]) -> None:
-        """Return connections to psycopg_pool, in a task (from sync code)."""
-        task = self._loop.create_task(self._give_back_all(views))  # type: ignore[union-attr]
-        _closing.add(task)
-        task.add_done_callback(_closing.discard)
+        """Return connections to psycopg_pool from sync code (a task does what must wait)."""
+        run_now(self._give_back_all(views), self._loop)  # type: ignore[arg-type]
 
     async def _give_back_all(self, views: list[BridgeConnection]) -> None:
         for view in views:
@@ -387,7 +385,8 @@ class AsyncPool:
 
     # Django's postgresql backend calls these synchronously (inside a bridge).
     def open(self) -> None:
-        await_only(self.aopen())
+        if self._pool is not None and not self._opened:
+            await_only(self.aopen())
 
     def getconn(self) -> BridgeConnection:
         return await_only(self.agetconn())
@@ -494,6 +493,45 @@ def discard_pool(alias: str) -> AsyncPool | None:
 
 
 _closing: set[asyncio.Task[None]] = set()
+
+
+def run_now(coro: Coroutine[Any, Any, None], loop: asyncio.AbstractEventLoop) -> None:
+    """Run ``coro`` from sync code on ``loop``'s thread: now, up to its first wait.
+
+    Giving an idle connection back to psycopg_pool (no reset, no check: its
+    lock is free and a waiting task is handed the connection) never waits;
+    running it here saves a task per request. If it does wait, a task takes
+    it over from there.
+    """
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return
+    except BaseException:
+        logger.exception("Returning connections to the pool failed.")
+        return
+    task = loop.create_task(_resume(coro, awaited))
+    _closing.add(task)
+    task.add_done_callback(_closing.discard)
+
+
+async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
+    """Drive ``coro`` on from a wait it started outside any task (see :func:`run_now`)."""
+    while True:
+        error: BaseException | None = None
+        try:
+            if awaited is None:
+                await asyncio.sleep(0)  # a bare yield
+            else:
+                await awaited
+        except asyncio.CancelledError as exc:
+            error = exc if not awaited.cancelled() else None  # type: ignore[union-attr]
+        except BaseException:  # coro reads its awaitable's outcome itself
+            pass
+        try:
+            awaited = coro.send(None) if error is None else coro.throw(error)
+        except StopIteration:
+            return
 
 
 def close_soon(pool: AsyncPool) -> None:

@@ -23,7 +23,7 @@ from django.db.models.sql.compiler import SQLCompiler
 
 from django_async_db import clear_compiled_sql_cache, compiled_sql_cache_info, run_sync
 from django_async_db._fastpath import _Chain, _deferred_kwargs
-from tests.fastpath.test_harness import make_data, statements, typed
+from tests.fastpath.test_harness import direct_outcome, make_data, statements, typed
 from tests.testapp.models import Author, Book, Chapter, ChapterNote, Gadget
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
@@ -121,6 +121,8 @@ async def assert_chain_same_as_django(
         django = await outcome(lambda v=value: run_sync(lambda: django_call(build(v))))
         ours = await outcome(lambda v=value: ours_call(build(v)))
         assert ours == django, value
+        direct = await direct_outcome(lambda v=value: ours_call(build(v)), snap_result)
+        assert direct == django[0], value
 
 
 # (id, build(value) -> queryset, values, cacheable)

@@ -127,6 +127,23 @@ async def assert_same_as_django(
     ours = await outcome(alias, lambda: make_qs().aget(**kwargs))
     assert ours == django
     assert len(ours[1]) <= 1  # no hidden extra query (none when a value is rejected)
+    assert await direct_outcome(lambda: make_qs().aget(**kwargs)) == django[0]
+
+
+async def direct_outcome(call: Callable[[], Any], snap: Callable[[Any], Any] = snapshot) -> Any:
+    """Return ``snap`` of ``call()`` run without an execute wrapper.
+
+    Without one, a hit runs its query in plain async code (``_fastpath._hit``'s
+    direct road): every hit of this call must have.
+    """
+    hits, direct = compiled_sql_cache_info().hits, _fastpath._direct_hits
+    try:
+        result = snap(await call())
+    except Exception as exc:
+        result = snap(exc)
+    new_hits = compiled_sql_cache_info().hits - hits
+    assert _fastpath._direct_hits - direct == new_hits
+    return result
 
 
 def gadget_values(data: dict[str, Any], field: str) -> list[Any]:
@@ -407,7 +424,7 @@ async def test_same_sql_params_and_objects_as_django(
     info = compiled_sql_cache_info()
     if cacheable:
         # The first call fills the cache; every later one is a hit.
-        assert (info.misses, info.hits) == (1, len(value_sets) - 1)
+        assert (info.misses, info.hits) == (1, 2 * len(value_sets) - 1)  # ours, then direct
     else:
         assert info.hits == 0
 
@@ -470,9 +487,9 @@ async def test_init_signal_receivers_still_run() -> None:
     finally:
         pre_init.disconnect(on_pre_init, sender=Author)
         post_init.disconnect(on_post_init, sender=Author)
-    assert compiled_sql_cache_info().hits == 3
-    # Once for Django's path and once for the cached one, per lookup.
-    assert [s[0] for s in seen] == ["pre", "post"] * 4
+    assert compiled_sql_cache_info().hits == 5
+    # Once for Django's path and twice for the cached one (ours, direct), per lookup.
+    assert [s[0] for s in seen] == ["pre", "post"] * 6
     assert seen[-1] == ("post", Author, "Bob")
 
 
@@ -488,7 +505,7 @@ async def test_opt_out_per_alias(db_options: dict[str, Any]) -> None:
         assert await Author.objects.filter(name="Ann").acount() == 2
     info = compiled_sql_cache_info()
     assert (info.hits, info.misses, info.size) == (0, 0, 0)
-    assert info.bypassed == 3
+    assert info.bypassed == 6  # ours and direct, per lookup
 
 
 async def test_cache_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -84,6 +84,23 @@ class BridgeLock:
             return True
         return self._lock.acquire(True, timeout)
 
+    async def aacquire(self) -> None:
+        """Take the lock from plain async code (no bridge): wait on the loop if held."""
+        if not self._waiters and self._lock.acquire(False):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut  # resolved by _hand_over(): the lock is ours
+        except BaseException:
+            if fut.done() and not fut.cancelled():
+                self.release()  # handed over, but interrupted: pass it on
+            else:
+                fut.cancel()
+                with contextlib.suppress(ValueError):
+                    self._waiters.remove(fut)
+            raise
+
     def release(self) -> None:
         while self._waiters:
             fut = self._waiters.popleft()
@@ -155,6 +172,49 @@ class BridgeConnection(psycopg.Connection[Any]):
             return ex.value  # type: ignore[no-any-return]
         except OSError as ex:
             raise e.OperationalError("connection socket closed") from ex
+
+    async def aexecute(self, cursor: psycopg.Cursor[Any], query: str, params: Any) -> None:
+        """Do ``cursor.execute(query, params)`` from plain async code, without a bridge.
+
+        The same steps as psycopg's ``Cursor.execute()`` (the connection's lock,
+        the cursor's own query generator), with each wait an await on the loop,
+        and the same cancellation handling as :meth:`wait`. For the compiled SQL
+        cache's hits: a client-side cursor has its whole result once this returns.
+        """
+        lock: BridgeLock = self.lock  # type: ignore[assignment]
+        await lock.aacquire()
+        try:
+            gen = cursor._execute_gen(query, params)
+            fileno = self.pgconn.socket
+            loop = asyncio.get_running_loop()
+            try:
+                state = next(gen)
+                while True:
+                    fut: asyncio.Future[int] = loop.create_future()
+                    reader, writer = state & _WAIT_R, state & _WAIT_W
+                    if reader:
+                        loop.add_reader(fileno, _ready, fut, _READY_R)
+                    if writer:
+                        loop.add_writer(fileno, _ready, fut, _READY_W)
+                    try:
+                        ready = await fut
+                    except _INTERRUPTED:
+                        await self._cancel_and_drain(gen, 0.1)
+                        raise
+                    finally:
+                        if reader:
+                            loop.remove_reader(fileno)
+                        if writer:
+                            loop.remove_writer(fileno)
+                    state = gen.send(ready)
+            except StopIteration:
+                return
+            except OSError as ex:
+                raise e.OperationalError("connection socket closed") from ex
+        except e.Error as ex:
+            raise ex.with_traceback(None)  # noqa: B904 - as psycopg's execute(): no driver frames
+        finally:
+            lock.release()
 
     async def _await_gen(
         self,

@@ -10,13 +10,16 @@ through :func:`~django_async_db.run_sync`, where every wait is an await.
 from __future__ import annotations
 
 import asyncio
+import time
 import types
 from typing import Any
 
 import psycopg
 from django.core.exceptions import ImproperlyConfigured
+from django.db.backends.base import base as django_base
 from django.db.backends.base.base import NO_DB_ALIAS
 from django.db.backends.postgresql import base as pg_base
+from django.db.backends.signals import connection_created
 from psycopg import pq
 
 from ... import _bridge
@@ -81,6 +84,70 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         self.release_idle = release == "idle" and self._loop is not None
         if self.release_idle:
             _bridge.after_outermost_call = release_idle
+        # Django's connect() ran once on this wrapper (see aconnect()).
+        self._connected_once = False
+        # Settings that let aconnect() do what connect() does (see aconnect()).
+        self._plain_checkout = (
+            self._loop is not None
+            and self.alias != NO_DB_ALIAS
+            and self.settings_dict["AUTOCOMMIT"]
+            and "isolation_level" not in self.settings_dict["OPTIONS"]
+        )
+
+    def connect(self) -> None:
+        super().connect()
+        self._connected_once = True
+
+    async def aconnect(self) -> bool:
+        """Do Django's ``connect()`` from plain async code when nothing in it needs a bridge.
+
+        For a task-owned wrapper that connected before (a wrapper a finished
+        task left): with the settings it had then, Django's ``connect()`` on a
+        pooled connection resets the wrapper's state, takes a connection from
+        the pool, turns autocommit on (a pooled connection is idle, so it is no
+        query), and sends ``connection_created``. This does those steps, with
+        the pool awaited, unless something among them could run a query or
+        user code: ``connection_created`` receivers, ``OPTIONS["isolation_level"]``,
+        ``AUTOCOMMIT = False``, the database version check not yet done, an
+        open atomic block. Returns False then; the caller uses ``connect()``
+        in a bridge. A test fingerprints the Django methods this follows.
+        """
+        if (
+            not self._connected_once
+            or not self._plain_checkout
+            or self.in_atomic_block
+            or self.run_commit_hooks_on_set_autocommit_on
+            or connection_created.receivers
+            or self.alias not in django_base.RAN_DB_VERSION_CHECK
+        ):
+            return False
+        pool = self.pool
+        if pool._pool is None:  # unpooled: connect() opens a connection itself
+            return False
+        self.check_settings()
+        self.in_atomic_block = False
+        self.savepoint_ids = []
+        self.atomic_blocks = []
+        self.needs_rollback = False
+        self.health_check_enabled = self.settings_dict["CONN_HEALTH_CHECKS"]
+        max_age = self.settings_dict["CONN_MAX_AGE"]
+        self.close_at = None if max_age is None else time.monotonic() + max_age
+        self.closed_in_transaction = False
+        self.errors_occurred = False
+        self.health_check_done = True
+        # get_new_connection() without OPTIONS["isolation_level"]:
+        self.isolation_level = psycopg.IsolationLevel.READ_COMMITTED
+        with self.wrap_database_errors:
+            if not pool._opened:
+                await pool.aopen()
+            view = await pool.agetconn()
+            self.connection = view
+            # set_autocommit(True): the connection is idle, so no query.
+            if not view.autocommit:
+                view.autocommit = True
+        self.autocommit = True
+        self.run_on_commit = []
+        return True
 
     def get_connection_params(self) -> dict[str, Any]:
         params: dict[str, Any] = super().get_connection_params()
