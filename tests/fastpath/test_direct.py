@@ -249,3 +249,56 @@ async def test_run_now_logs_a_failure(caplog: pytest.LogCaptureFixture) -> None:
 
 async def _async(value: bool) -> bool:
     return value
+
+
+# The Django methods the direct road and aconnect() do the work of, as reviewed
+# (sha256 of their source, first 16 hex digits): a Django release that changes
+# one fails here, to be compared with _fastpath._hit() and aconnect() again.
+REVIEWED = {
+    "5.2": {},
+    "6.1": {
+        "BaseDatabaseWrapper.connect": "65ad70c3f9c2250f",
+        "BaseDatabaseWrapper.set_autocommit": "4e91610fe9d81813",
+        "BaseDatabaseWrapper._cursor": "bb632516d005185c",
+        "BaseDatabaseWrapper._prepare_cursor": "92079d0eed95d59d",
+        "BaseDatabaseWrapper.init_connection_state": "40512634023b2bc3",
+        "DatabaseWrapper.get_new_connection": "acc4e253c2e311a4",
+        "DatabaseWrapper.init_connection_state": "12b01188fb5ea830",
+        "DatabaseWrapper._set_autocommit": "d3702faf3f71f9c7",
+        "CursorWrapper._execute_with_wrappers": "1f629e7adeb9d61b",
+        "CursorWrapper._execute": "8a3a172b0a15ed53",
+    },
+}
+
+
+def _mirrored() -> dict[str, Any]:
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.backends.postgresql.base import DatabaseWrapper
+    from django.db.backends.utils import CursorWrapper
+
+    return {
+        "BaseDatabaseWrapper.connect": BaseDatabaseWrapper.connect,
+        "BaseDatabaseWrapper.set_autocommit": BaseDatabaseWrapper.set_autocommit,
+        "BaseDatabaseWrapper._cursor": BaseDatabaseWrapper._cursor,
+        "BaseDatabaseWrapper._prepare_cursor": BaseDatabaseWrapper._prepare_cursor,
+        "BaseDatabaseWrapper.init_connection_state": BaseDatabaseWrapper.init_connection_state,
+        "DatabaseWrapper.get_new_connection": DatabaseWrapper.get_new_connection,
+        "DatabaseWrapper.init_connection_state": DatabaseWrapper.init_connection_state,
+        "DatabaseWrapper._set_autocommit": DatabaseWrapper._set_autocommit,
+        "CursorWrapper._execute_with_wrappers": CursorWrapper._execute_with_wrappers,
+        "CursorWrapper._execute": CursorWrapper._execute,
+    }
+
+
+def test_the_django_methods_the_direct_road_follows_are_the_reviewed_ones() -> None:
+    import hashlib
+    import inspect
+
+    import django
+
+    series = "{}.{}".format(*django.VERSION[:2])
+    seen = {
+        name: hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
+        for name, method in _mirrored().items()
+    }
+    assert seen == REVIEWED.get(series)
