@@ -26,9 +26,11 @@ shapes take a shorter road from their second call on:
 4. On a hit, the parameters are rebuilt with Django's own lookup classes
    (``GreaterThanOrEqual(col, value).process_rhs()``: ``get_prep_value``,
    ``get_db_prep_value``, ``LIKE`` escaping, so conversions and validation
-   errors are Django's), the cached SQL runs through Django's cursor wrapper
-   (execute wrappers, query logging, ``assertNumQueries`` and transaction
-   checks apply) and rows become instances as ``ModelIterable`` and
+   errors are Django's). Where Django's cursor layer would add nothing (see
+   :func:`_direct_ok`), the cached SQL runs on the task's connection in plain
+   async code (:func:`_hit`); otherwise it runs in a bridge through Django's
+   cursor wrapper (execute wrappers, query logging, ``assertNumQueries`` and
+   transaction checks apply). Rows become instances as ``ModelIterable`` and
    ``RelatedPopulator`` build them (:mod:`django_async_db._fastpath_rows`).
 
 Anything else (positional ``Q`` arguments, ``None`` or expression values,
