@@ -523,6 +523,9 @@ async def _resume(coro: Coroutine[Any, Any, None], awaited: Any) -> None:
             if awaited is None:
                 await asyncio.sleep(0)  # a bare yield
             else:
+                # What a task does with a future its coroutine yields: clear
+                # the flag the future's __await__ set, then wait for it.
+                awaited._asyncio_future_blocking = False
                 await awaited
         except asyncio.CancelledError as exc:
             error = exc if not awaited.cancelled() else None  # type: ignore[union-attr]

@@ -228,6 +228,7 @@ async def test_run_now_finishes_a_coroutine_that_must_wait_in_a_task() -> None:
 
     _pool.run_now(give_back(), loop)
     assert steps == ["start"]  # ran now, up to its wait
+    await asyncio.sleep(0.01)  # the task taking over now waits too
     gate.set_result("resumed")
     assert await wait_until(lambda: _async(steps == ["start", "resumed"]), 2)
 
@@ -236,6 +237,24 @@ async def test_run_now_finishes_a_coroutine_that_must_wait_in_a_task() -> None:
 
     _pool.run_now(quick(), loop)
     assert steps[-1] == "quick"  # no wait: done before run_now() returns
+
+
+async def test_run_now_hands_a_wait_on_a_held_lock_to_a_task() -> None:
+    # psycopg_pool's putconn() waits like this when its lock is held.
+    lock = asyncio.Lock()
+    await lock.acquire()
+    done: list[str] = []
+
+    async def give_back() -> None:
+        async with lock:
+            done.append("returned")
+
+    loop = asyncio.get_running_loop()
+    _pool.run_now(give_back(), loop)
+    await asyncio.sleep(0.01)  # the task taking over now waits for the lock
+    assert done == []
+    lock.release()
+    assert await wait_until(lambda: _async(done == ["returned"]), 2)
 
 
 async def test_run_now_logs_a_failure(caplog: pytest.LogCaptureFixture) -> None:
