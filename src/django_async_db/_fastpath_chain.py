@@ -32,14 +32,18 @@ from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any
 
 from django.db.models.query import QuerySet
+from greenlet import getcurrent
 
 from . import _fastpath as fp
-from ._bridge import in_bridge
+from ._bridge import _BridgeGreenlet
 from ._fastpath import _Chain, _Op
 
 __all__ = ["install"]
 
 _MISSING = object()
+# _Op(...) and _Chain(...) without the class call: tuple.__new__(_Op, (kind, sig,
+# args)) is the same namedtuple, built in half the time (250 -> 110 ns).
+_new = tuple.__new__
 
 
 def _chain_to_extend(qs: QuerySet[Any]) -> _Chain | None:
@@ -48,7 +52,8 @@ def _chain_to_extend(qs: QuerySet[Any]) -> _Chain | None:
     A recorded queryset, unevaluated, in async code: its chain. A pristine
     queryset in async code whose alias uses the cache: an empty chain.
     """
-    if _get_running_loop() is None or in_bridge():
+    # in_bridge() inlined: this runs once per recorded call.
+    if _get_running_loop() is None or type(getcurrent()) is _BridgeGreenlet:
         return None
     chain = qs._deferred_filter  # type: ignore[attr-defined]
     if type(chain) is _Chain:
@@ -65,20 +70,24 @@ def _chain_to_extend(qs: QuerySet[Any]) -> _Chain | None:
 
 
 def _sliced(chain: _Chain) -> bool:
-    return any(op.kind == "slice" for op in chain)
+    # A loop, not any() over a generator: chains are short, the generator costs more.
+    for op in chain:  # noqa: SIM110
+        if op.kind == "slice":
+            return True
+    return False
 
 
 def _record(qs: QuerySet[Any], chain: _Chain, op: _Op) -> QuerySet[Any]:
     """Return a clone of ``qs`` with ``op`` recorded after ``chain`` (what ``_clone()`` copies)."""
     clone: Any = object.__new__(type(qs))
-    state = clone.__dict__
-    state.update(qs.__dict__)
+    state = qs.__dict__.copy()
     if not chain:
         # The recorded querysets of one chain share this pristine query: none
         # changes it; applying a chain starts from a clone of it.
         state["_query"] = qs._query.chain()  # type: ignore[attr-defined]
     state["_hints"] = qs._hints or {}  # type: ignore[attr-defined]
-    state["_deferred_filter"] = _Chain((*chain, op))
+    state["_deferred_filter"] = _new(_Chain, (*chain, op))
+    clone.__dict__ = state
     return clone  # type: ignore[no-any-return]
 
 
@@ -138,9 +147,10 @@ def filter(self: QuerySet[Any], *args: Any, **kwargs: Any) -> QuerySet[Any]:
         return fp._stock_filter(self, **kwargs)  # type: ignore[no-any-return]
     values = tuple(kwargs.values())
     lookups, order = shape
-    for (lookup_class, lhs), position in zip(lookups, order, strict=True):
+    # Not strict: both come from one learnt shape, their lengths are equal.
+    for (lookup_class, lhs), position in zip(lookups, order, strict=False):
         lookup_class(lhs, values[position])  # Django's value checks and conversions
-    return _record(self, chain, _Op("filter", sig, kwargs))
+    return _record(self, chain, _new(_Op, ("filter", sig, kwargs)))
 
 
 def _plain_ordering(name: Any) -> bool:
@@ -162,7 +172,7 @@ def order_by(self: QuerySet[Any], *field_names: Any) -> QuerySet[Any]:
         except Exception:
             return fp._stock_order_by(self, *field_names)  # type: ignore[no-any-return]
         fp._learnt[key] = True
-    return _record(self, chain, _Op("order_by", key[::2], field_names))
+    return _record(self, chain, _new(_Op, ("order_by", key[::2], field_names)))
 
 
 def select_related(self: QuerySet[Any], *fields: Any) -> QuerySet[Any]:
@@ -174,7 +184,7 @@ def select_related(self: QuerySet[Any], *fields: Any) -> QuerySet[Any]:
     chain = _chain_to_extend(self)
     if chain is None or not fields or not all(type(f) is str for f in fields):
         return fp._stock_select_related(self, *fields)  # type: ignore[no-any-return]
-    return _record(self, chain, _Op("select_related", ("select_related", fields), fields))
+    return _record(self, chain, _new(_Op, ("select_related", ("select_related", fields), fields)))
 
 
 def __getitem__(self: QuerySet[Any], k: Any) -> Any:
@@ -186,7 +196,7 @@ def __getitem__(self: QuerySet[Any], k: Any) -> Any:
             and (stop is None or (type(stop) is int and stop >= 0))
             and (chain := _chain_to_extend(self)) is not None
         ):
-            return _record(self, chain, _Op("slice", ("slice", start, stop), (start, stop)))
+            return _record(self, chain, _new(_Op, ("slice", ("slice", start, stop), (start, stop))))
     return fp._stock_getitem(self, k)
 
 
