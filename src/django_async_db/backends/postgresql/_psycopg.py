@@ -143,9 +143,16 @@ class BridgeConnection(psycopg.Connection[Any]):
             return super().wait(gen, interval, timeout)
         if timeout is not None:
             return await_only(self._await_gen(gen, interval, timeout))
-        # The hot path: step the generator here, in the greenlet, and let the
-        # driving coroutine await a bare future resolved by the loop's fd
-        # callbacks (no coroutine, timer or task per wait).
+        # The hot path: the loop's fd callbacks resolve a bare future per
+        # wait (no timer or task per wait), in one coroutine the driver awaits.
+        return await_only(self._await_ready(gen, interval))
+
+    async def _await_ready(self, gen: PQGen[RV], interval: float) -> RV:
+        """Step ``gen`` to its end, awaiting each socket wait on the loop.
+
+        An interrupted wait cancels the query on the server and drains it
+        (:meth:`_cancel_and_drain`) before the interruption propagates.
+        """
         fileno = self.pgconn.socket
         loop = asyncio.get_running_loop()
         try:
@@ -158,9 +165,9 @@ class BridgeConnection(psycopg.Connection[Any]):
                 if writer:
                     loop.add_writer(fileno, _ready, fut, _READY_W)
                 try:
-                    ready = await_only(fut)
+                    ready = await fut
                 except _INTERRUPTED:
-                    await_only(self._cancel_and_drain(gen, interval))
+                    await self._cancel_and_drain(gen, interval)
                     raise
                 finally:
                     if reader:
@@ -177,40 +184,14 @@ class BridgeConnection(psycopg.Connection[Any]):
         """Do ``cursor.execute(query, params)`` from plain async code, without a bridge.
 
         The same steps as psycopg's ``Cursor.execute()`` (the connection's lock,
-        the cursor's own query generator), with each wait an await on the loop,
-        and the same cancellation handling as :meth:`wait`. For the compiled SQL
+        the cursor's own query generator), its waits awaited as :meth:`wait`
+        awaits them (:meth:`_await_ready`). For the compiled SQL
         cache's hits: a client-side cursor has its whole result once this returns.
         """
         lock: BridgeLock = self.lock  # type: ignore[assignment]
         await lock.aacquire()
         try:
-            gen = cursor._execute_gen(query, params)
-            fileno = self.pgconn.socket
-            loop = asyncio.get_running_loop()
-            try:
-                state = next(gen)
-                while True:
-                    fut: asyncio.Future[int] = loop.create_future()
-                    reader, writer = state & _WAIT_R, state & _WAIT_W
-                    if reader:
-                        loop.add_reader(fileno, _ready, fut, _READY_R)
-                    if writer:
-                        loop.add_writer(fileno, _ready, fut, _READY_W)
-                    try:
-                        ready = await fut
-                    except _INTERRUPTED:
-                        await self._cancel_and_drain(gen, 0.1)
-                        raise
-                    finally:
-                        if reader:
-                            loop.remove_reader(fileno)
-                        if writer:
-                            loop.remove_writer(fileno)
-                    state = gen.send(ready)
-            except StopIteration:
-                return
-            except OSError as ex:
-                raise e.OperationalError("connection socket closed") from ex
+            await self._await_ready(cursor._execute_gen(query, params), 0.1)
         except e.Error as ex:
             raise ex.with_traceback(None)  # noqa: B904 - as psycopg's execute(): no driver frames
         finally:
