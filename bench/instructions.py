@@ -307,7 +307,9 @@ def run(mode: str, n: int) -> None:
     asyncio.run(main())
 
 
-def _callgrind(mode: str, n: int) -> int:
+def callgrind(script: str, *args: str) -> int:
+    """Return the instructions ``python script args...`` executes under callgrind."""
+    label = " ".join(args)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "cg.out"
         proc = subprocess.run(
@@ -316,10 +318,8 @@ def _callgrind(mode: str, n: int) -> int:
                 "--tool=callgrind",
                 f"--callgrind-out-file={out}",
                 sys.executable,
-                __file__,
-                "--run",
-                mode,
-                str(n),
+                script,
+                *args,
             ],
             capture_output=True,
             text=True,
@@ -327,11 +327,15 @@ def _callgrind(mode: str, n: int) -> int:
             check=False,
         )
         if proc.returncode != 0:
-            raise SystemExit(f"{mode}: callgrind run failed:\n{proc.stderr[-2000:]}")
+            raise SystemExit(f"{label}: callgrind run failed:\n{proc.stderr[-2000:]}")
         match = re.search(r"Collected : (\d+)", proc.stderr)
         if not match:
-            raise SystemExit(f"{mode}: no instruction total in callgrind's output")
+            raise SystemExit(f"{label}: no instruction total in callgrind's output")
         return int(match.group(1))
+
+
+def _callgrind(mode: str, n: int) -> int:
+    return callgrind(__file__, "--run", mode, str(n))
 
 
 def _create_db() -> str:

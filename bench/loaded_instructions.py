@@ -23,10 +23,7 @@ import argparse
 import asyncio
 import os
 import random
-import re
-import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -60,34 +57,6 @@ def run(contender: str, workload: str, concurrency: int, n: int) -> None:
     c.loop.run_until_complete(requests(n))
 
 
-def callgrind(contender: str, workload: str, concurrency: int, n: int) -> int:
-    with tempfile.TemporaryDirectory() as tmp:
-        proc = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                f"--callgrind-out-file={Path(tmp) / 'cg.out'}",
-                sys.executable,
-                __file__,
-                "--run",
-                contender,
-                workload,
-                str(concurrency),
-                str(n),
-            ],
-            capture_output=True,
-            text=True,
-            env={**os.environ, "PYTHONHASHSEED": "0"},
-            check=False,
-        )
-    if proc.returncode != 0:
-        raise SystemExit(f"{contender} {workload}: callgrind run failed:\n{proc.stderr[-3000:]}")
-    match = re.search(r"Collected : (\d+)", proc.stderr)
-    if not match:
-        raise SystemExit(f"{contender} {workload}: no instruction total in callgrind's output")
-    return int(match.group(1))
-
-
 def main() -> None:
     if sys.argv[1:2] == ["--run"]:
         contender, workload, concurrency, n = sys.argv[2:6]
@@ -100,6 +69,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(HERE))
     import compare
+    from instructions import callgrind
 
     name = compare.create_database()
     os.environ["BENCH_DATABASE_URL"] = compare.db_url(name)
@@ -111,8 +81,8 @@ def main() -> None:
         for workload in args.workloads.split(","):
             costs = []
             for contender in contenders:
-                short = callgrind(contender, workload, args.concurrency, SHORT)
-                long = callgrind(contender, workload, args.concurrency, LONG)
+                cell = (__file__, "--run", contender, workload, str(args.concurrency))
+                short, long = callgrind(*cell, str(SHORT)), callgrind(*cell, str(LONG))
                 costs.append((long - short) / (LONG - SHORT))
             ratio = f"{costs[-1] / costs[0]:.2f}" if len(costs) > 1 else ""
             cells = " | ".join(f"{cost / 1000:,.0f}k" for cost in costs)
