@@ -72,7 +72,14 @@ _FINISHED: Any = object()
 
 #: Idle bridge greenlets kept per thread (greenlets belong to their thread).
 MAX_IDLE = 128
-_idle = threading.local()
+
+
+class _Idle(threading.local):
+    def __init__(self) -> None:
+        self.free: list[_BridgeGreenlet] = []
+
+
+_idle = _Idle()
 
 
 def _serve(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
@@ -92,8 +99,8 @@ def _serve(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
 def _take(driver: greenlet) -> _BridgeGreenlet:
     """Return an idle bridge greenlet for ``driver``, sharing the driver's contextvars."""
     try:
-        glet: _BridgeGreenlet = _idle.free.pop()
-    except (AttributeError, IndexError):
+        glet = _idle.free.pop()
+    except IndexError:
         glet = _BridgeGreenlet(driver)
     else:
         if glet.driver is not driver:
@@ -109,10 +116,7 @@ def _outcome(glet: _BridgeGreenlet) -> Any:
     value, error = glet.value, glet.error
     glet.value = glet.error = None
     glet.gr_context = None  # an idle greenlet keeps no request's context alive
-    try:
-        free = _idle.free
-    except AttributeError:
-        free = _idle.free = []
+    free = _idle.free
     if len(free) < MAX_IDLE:
         free.append(glet)
     if error is not None:

@@ -578,13 +578,18 @@ def _lookup_params(
     return params
 
 
+def _params(entry: _Entry, values: tuple[Any, ...], connection: Any) -> tuple[Any, ...]:
+    """Return a cached shape's parameters for ``values`` (raises :class:`_UseDjango`)."""
+    return (*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, connection))
+
+
 def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
     """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
     connection = connections[alias]
-    params = [*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, connection)]
+    params = _params(entry, values, connection)
     cursor = connection.cursor()
     try:
-        cursor.execute(entry.sql, tuple(params))
+        cursor.execute(entry.sql, params)
         return cursor.fetchone() if one else cursor.fetchall()
     finally:
         cursor.close()
@@ -735,7 +740,7 @@ async def _hit(
     global _direct_hits
     _direct_hits += 1
     try:
-        params = (*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, wrapper))
+        params = _params(entry, values, wrapper)
     except _UseDjango:
         return await run_sync(_django_terminal, qs, operation, kwargs)
     except SynchronousOnlyOperation:  # a field's value preparation needs the database
