@@ -111,6 +111,14 @@ class DatabaseWrapper(pg_base.DatabaseWrapper):  # type: ignore[misc]
         ``AUTOCOMMIT = False``, the database version check not yet done, an
         open atomic block. Returns False then; the caller uses ``connect()``
         in a bridge. A test fingerprints the Django methods this follows.
+        Example (what the compiled SQL cache's hits do)::
+
+            from django.db import connections
+            from django_async_db import run_sync
+
+            wrapper = connections["default"]
+            if wrapper.connection is None and not await wrapper.aconnect():
+                await run_sync(wrapper.ensure_connection)
         """
         if (
             not self._connected_once
