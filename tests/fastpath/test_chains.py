@@ -21,10 +21,11 @@ from django.db.models import Count, Model, Q
 from django.db.models.query import QuerySet
 from django.db.models.sql.compiler import SQLCompiler
 
+from django_async_db import _fastpath as fp
 from django_async_db import clear_compiled_sql_cache, compiled_sql_cache_info, run_sync
 from django_async_db._fastpath import _Chain, _deferred_kwargs
 from tests.fastpath.test_harness import direct_outcome, make_data, statements, typed
-from tests.testapp.models import Author, Book, Chapter, ChapterNote, Gadget
+from tests.testapp.models import Author, Book, Chapter, ChapterNote, Gadget, Passport, Person
 
 pytestmark = pytest.mark.django_db(transaction=True, databases=["default", "other"])
 
@@ -49,6 +50,10 @@ async def make_library() -> dict[str, Any]:
         )
     chapter = await Chapter.objects.acreate(title="loose", book=None)
     await ChapterNote.objects.acreate(chapter=chapter, text="c")
+    holder = await Person.objects.acreate(name="has a passport")
+    await Person.objects.acreate(name="has none")
+    await Passport.objects.acreate(number="P1", holder=holder, issuer=holder)
+    await Passport.objects.acreate(number="P2", holder=None)
     clear_compiled_sql_cache()  # the writes above filled its write side: count reads only
     return data
 
@@ -219,6 +224,32 @@ CHAINS: list[tuple[str, Callable[[Any], QuerySet[Any]], list[Any], bool]] = [
         True,
     ),
     (
+        "select_related one-to-one",
+        lambda v: Passport.objects.filter(number__gte=v).select_related("holder").order_by("pk"),
+        ["P", "P2"],
+        True,
+    ),
+    (
+        "select_related reverse one-to-one",
+        lambda v: Person.objects.filter(name__gte=v).select_related("passport").order_by("pk"),
+        ["a", "has n"],
+        True,
+    ),
+    (
+        "select_related one-to-one, custom __init__",
+        lambda v: ChapterNote.objects.filter(text__gte=v).select_related("follower").order_by("pk"),
+        ["a", "b"],
+        True,
+    ),
+    (
+        "select_related two",
+        lambda v: (
+            Passport.objects.filter(number__gte=v).select_related("issuer", "holder").order_by("pk")
+        ),
+        ["P"],
+        True,
+    ),
+    (
         "using()",
         lambda v: Book.objects.using("default").filter(pages__gte=v).order_by("pk")[:2],
         [0],
@@ -305,6 +336,34 @@ async def test_chain_same_sql_params_and_objects_as_django(
         assert info.hits == 0
     else:
         assert info.hits > 0
+
+
+@pytest.mark.parametrize(
+    ("build", "fused"),
+    [
+        pytest.param(lambda: Passport.objects.select_related("holder"), True, id="one-to-one"),
+        pytest.param(
+            lambda: Person.objects.select_related("passport"), True, id="reverse one-to-one"
+        ),
+        pytest.param(lambda: Book.objects.select_related("author"), True, id="foreign key"),
+        pytest.param(lambda: Passport.objects.select_related("issuer", "holder"), True, id="two"),
+        pytest.param(lambda: Chapter.objects.select_related("book__author"), False, id="nested"),
+        pytest.param(
+            lambda: ChapterNote.objects.select_related("previous"), False, id="custom __init__"
+        ),
+        pytest.param(lambda: Book.objects.all(), False, id="none"),
+    ],
+)
+async def test_one_level_select_related_rows_are_built_by_one_fused_maker(
+    build: Callable[[], QuerySet[Any]], fused: bool
+) -> None:
+    await make_library()
+    qs = build().filter(pk__gte=0).order_by("pk")
+    django = await run_sync(lambda: list(build().filter(pk__gte=0).order_by("pk")))
+    ours = [o async for o in qs]
+    assert [snap(o) for o in ours] == [snap(o) for o in django]
+    [entry] = [e for e in fp._cache.values() if e is not None and e.plan is not None]
+    assert (entry.plan.fused is not None) is fused
 
 
 async def test_a_hit_compiles_nothing_and_runs_on_the_loop_thread(

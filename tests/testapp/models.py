@@ -89,3 +89,19 @@ class Gadget(models.Model):
     seen = models.DateTimeField(null=True)
     blob = models.BinaryField(default=b"")
     owner = models.ForeignKey(Author, null=True, on_delete=models.SET_NULL)
+
+
+class Person(models.Model):
+    """A plain model with a reverse one-to-one (``person.passport``)."""
+
+    name = models.CharField(max_length=50)
+
+
+class Passport(models.Model):
+    """A plain one-to-one (``select_related()`` sets both sides' caches) and a second relation."""
+
+    number = models.CharField(max_length=20)
+    holder = models.OneToOneField(
+        Person, null=True, related_name="passport", on_delete=models.SET_NULL
+    )
+    issuer = models.ForeignKey(Person, null=True, related_name="issued", on_delete=models.SET_NULL)
