@@ -64,6 +64,7 @@ from django.db.models.expressions import Col
 from django.db.models.query import MAX_GET_RESULTS, ModelIterable, QuerySet
 from django.db.models.sql import Query
 from django.db.models.sql.where import AND
+from psycopg.adapt import PyFormat
 
 from ._bridge import run_sync
 from ._fastpath_rows import Plan, build_plan, rows_to_objects
@@ -167,6 +168,9 @@ class _Op(NamedTuple):
     kind: str  # "filter", "order_by", "select_related" or "slice"
     sig: Hashable  # its part of the shape key
     args: Any  # filter: the kwargs; order_by/select_related: names; slice: (start, stop)
+    # filter: per keyword, in order, the lookup Django built for its value when
+    # filter() checked it (reused on a hit: what Django would compile); else ().
+    built: tuple[Any, ...]
 
 
 class _Chain(tuple[_Op, ...]):
@@ -555,11 +559,14 @@ def _lookup_params(
     order: tuple[int, ...],
     values: tuple[Any, ...],
     connection: Any,
+    built: tuple[Any, ...] = (),
 ) -> list[Any]:
     """Rebuild a cached WHERE clause's parameters for ``values`` with Django's lookup classes.
 
     ``lookups[i]`` is the class and column of WHERE child ``i`` (None: a boolean
     compiled into the SQL text), ``order[i]`` the position of its value.
+    ``built[position]``, when given and of that class, is the lookup already
+    made for that value (by a recorded ``filter()``); the others are made here.
     Raises :class:`_UseDjango` when a value compiles to other SQL.
     """
     params: list[Any] = []
@@ -567,7 +574,10 @@ def _lookup_params(
         for lookup, position in zip(lookups, order, strict=True):
             if lookup is not None:
                 lookup_class, lhs = lookup
-                rhs_sql, rhs = lookup_class(lhs, values[position]).process_rhs(None, connection)
+                made: Any = built[position] if position < len(built) else None
+                if type(made) is not lookup_class:
+                    made = lookup_class(lhs, values[position])
+                rhs_sql, rhs = made.process_rhs(None, connection)
                 if rhs_sql != "%s" or len(rhs) != 1:
                     raise _UseDjango  # this value compiles differently
                 params.extend(rhs)
@@ -578,15 +588,20 @@ def _lookup_params(
     return params
 
 
-def _params(entry: _Entry, values: tuple[Any, ...], connection: Any) -> tuple[Any, ...]:
+def _params(
+    entry: _Entry, values: tuple[Any, ...], connection: Any, built: tuple[Any, ...]
+) -> tuple[Any, ...]:
     """Return a cached shape's parameters for ``values`` (raises :class:`_UseDjango`)."""
-    return (*entry.prefix, *_lookup_params(entry.lookups, entry.order, values, connection))
+    lookup_params = _lookup_params(entry.lookups, entry.order, values, connection, built)
+    return (*entry.prefix, *lookup_params)
 
 
-def _fetch(entry: _Entry, alias: str, values: tuple[Any, ...], one: bool = False) -> Any:
+def _fetch(
+    entry: _Entry, alias: str, values: tuple[Any, ...], built: tuple[Any, ...], one: bool
+) -> Any:
     """Execute a cached shape with ``values`` through Django's cursor; return its rows."""
     connection = connections[alias]
-    params = _params(entry, values, connection)
+    params = _params(entry, values, connection, built)
     cursor = connection.cursor()
     try:
         cursor.execute(entry.sql, params)
@@ -679,13 +694,14 @@ def _run_hit(
     qs: QuerySet[Any],
     operation: str,
     values: tuple[Any, ...],
+    built: tuple[Any, ...],
     kwargs: dict[str, Any],
     fetch_mode: Any,
 ) -> Any:
     """Run a cache hit (in the bridge), or Django's method when the values call for it."""
     finish, one = _FINISH[operation]
     try:
-        rows = _fetch(entry, alias, values, one)
+        rows = _fetch(entry, alias, values, built, one)
     except _UseDjango:
         return _django_terminal(qs, operation, kwargs)
     return finish(entry, alias, rows, fetch_mode)
@@ -715,6 +731,7 @@ async def _hit(
     qs: QuerySet[Any],
     operation: str,
     values: tuple[Any, ...],
+    built: tuple[Any, ...],
     kwargs: dict[str, Any],
     fetch_mode: Any,
 ) -> Any:
@@ -730,29 +747,38 @@ async def _hit(
     """
     wrapper: Any = connections[alias]
     if not _direct_ok(wrapper):
-        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+        return await run_sync(
+            _run_hit, entry, alias, qs, operation, values, built, kwargs, fetch_mode
+        )
     if wrapper.connection is None and not await wrapper.aconnect():
         await run_sync(wrapper.ensure_connection)
     view = wrapper.connection
     if type(view) is not BridgeConnection:
-        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+        return await run_sync(
+            _run_hit, entry, alias, qs, operation, values, built, kwargs, fetch_mode
+        )
     wrapper.validate_thread_sharing()
     global _direct_hits
     _direct_hits += 1
     try:
-        params = _params(entry, values, wrapper)
+        params = _params(entry, values, wrapper, built)
     except _UseDjango:
         return await run_sync(_django_terminal, qs, operation, kwargs)
     except SynchronousOnlyOperation:  # a field's value preparation needs the database
-        return await run_sync(_run_hit, entry, alias, qs, operation, values, kwargs, fetch_mode)
+        return await run_sync(
+            _run_hit, entry, alias, qs, operation, values, built, kwargs, fetch_mode
+        )
     finish, one = _FINISH[operation]
     with wrapper.wrap_database_errors:
-        cursor = _create_cursor(wrapper)
+        cursor = _hit_cursor(wrapper, view)
         try:
             await view.aexecute(cursor, entry.sql, params)
             rows = cursor.fetchone() if one else cursor.fetchall()
-        finally:
+        except BaseException:
+            view.hit_cursor = None
             cursor.close()
+            raise
+        cursor._reset()  # what close() frees: the result
     if entry.pure and not (signals.pre_init.receivers or signals.post_init.receivers):
         return finish(entry, alias, rows, fetch_mode)
     return await run_sync(finish, entry, alias, rows, fetch_mode)
@@ -761,6 +787,45 @@ async def _hit(
 #: Django's postgresql ``create_cursor()`` without its ``@async_unsafe`` guard
 #: (the direct road calls it in plain async code; it does no I/O).
 _create_cursor: Callable[[Any], Any] = pg_base.DatabaseWrapper.create_cursor.__wrapped__  # type: ignore[attr-defined]
+
+
+def _hit_cursor(wrapper: Any, view: BridgeConnection) -> Any:
+    """Return the cursor for a direct hit on ``view``: the last one's, or Django's new one.
+
+    A cursor Django's ``create_cursor()`` made is kept on the connection for
+    the next hit (a new one costs ~25k instructions), while it is what
+    ``create_cursor()`` would make now: the wrapper's time zone is the same
+    object, and the cursor still shares every adapter table with the
+    connection (psycopg copies them on write, so an adapter registered on
+    either side since shows; a cursor that got its own time zone loader is
+    never reused).
+    """
+    kept = view.hit_cursor
+    if kept is not None:
+        cursor, timezone = kept
+        if timezone is wrapper.timezone and _shares_adapters(cursor.adapters, view.adapters):
+            return cursor
+    cursor = _create_cursor(wrapper)
+    view.hit_cursor = (cursor, wrapper.timezone)
+    return cursor
+
+
+def _shares_adapters(mine: Any, theirs: Any) -> bool:
+    """Return True if psycopg ``AdaptersMap`` ``mine`` still shares all of ``theirs``'s tables."""
+    dumpers, their_dumpers = mine._dumpers, theirs._dumpers
+    return (
+        mine._loaders[0] is theirs._loaders[0]
+        and mine._loaders[1] is theirs._loaders[1]
+        and mine._dumpers_by_oid[0] is theirs._dumpers_by_oid[0]
+        and mine._dumpers_by_oid[1] is theirs._dumpers_by_oid[1]
+        and dumpers[_AUTO] is their_dumpers[_AUTO]
+        and dumpers[_TEXT] is their_dumpers[_TEXT]
+        and dumpers[_BINARY] is their_dumpers[_BINARY]
+        and mine.types._registry is theirs.types._registry
+    )
+
+
+_AUTO, _TEXT, _BINARY = PyFormat.AUTO, PyFormat.TEXT, PyFormat.BINARY
 
 
 async def _run_cached(
@@ -793,10 +858,17 @@ async def _run_cached(
             if entry is not None:
                 _hits += 1
                 _cache.move_to_end(key)
-                values = tuple(v for op in chain if op.kind == "filter" for v in op.args.values())
+                values: tuple[Any, ...] = ()
+                built: tuple[Any, ...] = ()
+                for op in chain:
+                    if op.kind == "filter":
+                        values += tuple(op.args.values())
+                        built += op.built
                 if kwargs:
                     values += tuple(kwargs.values())
-                return True, await _hit(entry, alias, qs, operation, values, kwargs, fetch_mode)
+                return True, await _hit(
+                    entry, alias, qs, operation, values, built, kwargs, fetch_mode
+                )
     _bypassed += 1
     return False, None
 

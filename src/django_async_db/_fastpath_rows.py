@@ -189,9 +189,7 @@ def _cache_name(setter: Any) -> str | None:
     return name if type(name) is str else None
 
 
-def _instance_lines(
-    obj: str, state: str, model: str, plan: Plan, cache: str | None
-) -> list[str]:
+def _instance_lines(obj: str, state: str, model: str, plan: Plan, cache: str | None) -> list[str]:
     """Return the lines building ``plan``'s instance into ``obj``, as ``Model.from_db()``.
 
     ``_state`` gets its keys in Django's order. With ``cache``, that variable
@@ -290,10 +288,7 @@ def _fused_factory(plan: Plan) -> _FusedFactory | None:
             f"if row[{related.pk_pos}] is None:",
             f"    {rel} = None",
             "else:",
-            *(
-                f"    {line}"
-                for line in _instance_lines(rel, rstate, f"model{i}", related, rcache)
-            ),
+            *(f"    {line}" for line in _instance_lines(rel, rstate, f"model{i}", related, rcache)),
         ]
         if remote is not None:
             body += [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import zoneinfo
 from typing import Any
 
 import psycopg
@@ -214,6 +215,81 @@ async def _async_state(state: Any, expected: tuple[str, str]) -> bool:
     return await state() == expected
 
 
+# The direct hits' cursor, kept on the connection
+
+
+async def test_direct_hits_reuse_one_cursor_and_free_its_result() -> None:
+    ann = await Author.objects.acreate(name="Ann", bio="a")
+    await Author.objects.aget(pk=ann.pk)  # the misses
+    await Author.objects.filter(pk=ann.pk).afirst()
+    direct = _fastpath._direct_hits
+    await Author.objects.aget(pk=ann.pk)
+    view = connections["default"].connection
+    assert view.hit_cursor is not None
+    cursor = view.hit_cursor[0]
+    assert (await Author.objects.filter(pk=ann.pk).afirst()).name == "Ann"  # type: ignore[union-attr]
+    assert (await Author.objects.aget(pk=ann.pk)).name == "Ann"
+    assert _fastpath._direct_hits - direct == 3
+    assert view.hit_cursor[0] is cursor
+    assert not cursor.closed
+    assert cursor.pgresult is None  # the last result is not kept alive
+
+
+async def test_a_loader_registered_on_the_connection_applies_to_the_next_hit() -> None:
+    ann = await Author.objects.acreate(name="Ann", bio="a")
+    await Author.objects.aget(pk=ann.pk)  # the miss
+    await Author.objects.aget(pk=ann.pk)
+    view = connections["default"].connection
+    kept = view.hit_cursor[0]
+
+    class Shouting(psycopg.types.string.TextLoader):  # type: ignore[misc]
+        def load(self, data: Any) -> str:
+            return str(super().load(data)).upper()
+
+    view.adapters.register_loader("varchar", Shouting)
+    try:
+        got = await Author.objects.aget(pk=ann.pk)
+        theirs = await _bridge.run_sync(lambda: Author.objects.using("default").get(pk=ann.pk))
+    finally:
+        view.adapters.register_loader("varchar", psycopg.types.string.TextLoader)
+    assert got.name == theirs.name == "ANN"  # Django's cursor sees it too
+    assert view.hit_cursor[0] is not kept
+
+
+async def test_a_new_time_zone_gets_a_new_cursor() -> None:
+    ann = await Author.objects.acreate(name="Ann", bio="a")
+    await Author.objects.aget(pk=ann.pk)  # the miss
+    await Author.objects.aget(pk=ann.pk)
+    wrapper = connections["default"]
+    view = wrapper.connection
+    kept = view.hit_cursor[0]
+    # What Django's setting_changed receiver does when TIME_ZONE or USE_TZ changes.
+    wrapper.__dict__["timezone"] = zoneinfo.ZoneInfo("Asia/Tokyo")
+    try:
+        await Author.objects.aget(pk=ann.pk)
+        assert view.hit_cursor[0] is not kept
+    finally:
+        del wrapper.timezone
+
+
+async def test_a_failed_hit_drops_its_cursor() -> None:
+    ann = await Author.objects.acreate(name="Ann", bio="a")
+    await Author.objects.aget(pk=ann.pk)  # the miss
+    await Author.objects.aget(pk=ann.pk)
+    wrapper = connections["default"]
+    view = wrapper.connection
+    kept = view.hit_cursor[0]
+    watch = await observer()
+    try:
+        await watch.execute("SELECT pg_terminate_backend(%s)", [view.info.backend_pid])
+    finally:
+        await watch.close()
+    with pytest.raises(OperationalError):
+        await Author.objects.aget(pk=ann.pk)
+    assert view.hit_cursor is None
+    assert kept.closed
+
+
 # Giving a connection back from the task's done callback (run_now)
 
 
@@ -321,3 +397,45 @@ def test_the_django_methods_the_direct_road_follows_are_the_reviewed_ones() -> N
         for name, method in _mirrored().items()
     }
     assert seen == REVIEWED
+
+
+def _psycopg_internals() -> dict[str, Any]:
+    from psycopg._adapters_map import AdaptersMap
+    from psycopg._cursor_base import BaseCursor
+    from psycopg._typeinfo import TypesRegistry
+
+    return {
+        "AdaptersMap.__init__": AdaptersMap.__init__,
+        "AdaptersMap.register_dumper": AdaptersMap.register_dumper,
+        "AdaptersMap.register_loader": AdaptersMap.register_loader,
+        "TypesRegistry.__init__": TypesRegistry.__init__,
+        "TypesRegistry._ensure_own_state": TypesRegistry._ensure_own_state,
+        "BaseCursor._reset": BaseCursor._reset,
+        "BaseCursor._close": BaseCursor._close,
+    }
+
+
+#: psycopg's copy-on-write adapter tables (``_fastpath._shares_adapters``) and
+#: cursor reset (a kept cursor's ``_reset()``), as reviewed in PSYCOPG_SERIES.
+PSYCOPG_REVIEWED = {
+    "AdaptersMap.__init__": "1f53ed5322f101a4",
+    "AdaptersMap.register_dumper": "64b3db9558f9a9d6",
+    "AdaptersMap.register_loader": "42d2f0c613d30676",
+    "TypesRegistry.__init__": "6df592d454df6242",
+    "TypesRegistry._ensure_own_state": "76ec9f2757a6a741",
+    "BaseCursor._reset": "7340677757b4b4cc",
+    "BaseCursor._close": "04e872b6b24efbcd",
+}
+PSYCOPG_SERIES = "3.3"
+
+
+def test_the_psycopg_internals_the_hit_cursor_relies_on_are_the_reviewed_ones() -> None:
+    import hashlib
+    import inspect
+
+    assert psycopg.__version__.startswith(PSYCOPG_SERIES + ".")
+    seen = {
+        name: hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
+        for name, method in _psycopg_internals().items()
+    }
+    assert seen == PSYCOPG_REVIEWED

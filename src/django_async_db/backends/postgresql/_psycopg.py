@@ -132,6 +132,9 @@ class BridgeConnection(psycopg.Connection[Any]):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.lock = BridgeLock()  # type: ignore[assignment]
+        #: The compiled SQL cache's cursor for its direct hits, with the time
+        #: zone it was made for (django_async_db._fastpath._hit_cursor).
+        self.hit_cursor: tuple[psycopg.Cursor[Any], Any] | None = None
 
     def wait(
         self,
