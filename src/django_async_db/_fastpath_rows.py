@@ -275,13 +275,9 @@ def _fused_factory(plan: Plan) -> _FusedFactory | None:
     body = _instance_lines("obj", "state", "model", plan, "cache")
     for i, related in enumerate(plan.related):
         local = _cache_name(related.local_setter)
-        remote = None if _is_noop(related.remote_setter) else _cache_name(related.remote_setter)
-        if (
-            not related.direct
-            or related.related
-            or local is None
-            or (remote is None and not _is_noop(related.remote_setter))
-        ):
+        noop = _is_noop(related.remote_setter)
+        remote = None if noop else _cache_name(related.remote_setter)
+        if not related.direct or related.related or local is None or (remote is None and not noop):
             return None
         rel, rstate, rcache = f"rel{i}", f"rstate{i}", f"rcache{i}"
         body += [

@@ -10,6 +10,8 @@ through the bridge instead.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import inspect
 import logging
 import zoneinfo
 from typing import Any
@@ -384,19 +386,20 @@ def _mirrored() -> dict[str, Any]:
     }
 
 
-def test_the_django_methods_the_direct_road_follows_are_the_reviewed_ones() -> None:
-    import hashlib
-    import inspect
+def _fingerprints(methods: dict[str, Any]) -> dict[str, str]:
+    """Return a short hash of each method's source, by name."""
+    return {
+        name: hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
+        for name, method in methods.items()
+    }
 
+
+def test_the_django_methods_the_direct_road_follows_are_the_reviewed_ones() -> None:
     import django
 
     series = "{}.{}".format(*django.VERSION[:2])
     assert series in REVIEWED_SERIES
-    seen = {
-        name: hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
-        for name, method in _mirrored().items()
-    }
-    assert seen == REVIEWED
+    assert _fingerprints(_mirrored()) == REVIEWED
 
 
 def _psycopg_internals() -> dict[str, Any]:
@@ -430,12 +433,5 @@ PSYCOPG_SERIES = "3.3"
 
 
 def test_the_psycopg_internals_the_hit_cursor_relies_on_are_the_reviewed_ones() -> None:
-    import hashlib
-    import inspect
-
     assert psycopg.__version__.startswith(PSYCOPG_SERIES + ".")
-    seen = {
-        name: hashlib.sha256(inspect.getsource(method).encode()).hexdigest()[:16]
-        for name, method in _psycopg_internals().items()
-    }
-    assert seen == PSYCOPG_REVIEWED
+    assert _fingerprints(_psycopg_internals()) == PSYCOPG_REVIEWED
